@@ -1,0 +1,469 @@
+"""Command line: ``python -m backend VERB ...``.
+
+Service verbs (serve, ping, capabilities, status, fetch, cancel, keys) and job
+verbs (diagnose, reconstruct, generate, refine). A job verb runs in this
+process by default, or on a running server with ``--endpoint``; both paths
+validate parameters with the same job specs and print the same progress.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from gen3d_wire import protocol as P
+from gen3d_wire.client import DEFAULT_ENDPOINT, BackendError, Client, CurveKeys, JobCancelled, new_req
+
+from .jobs import JobSpec, Param
+
+EXIT_OK, EXIT_FAIL, EXIT_UNREACHABLE, EXIT_CANCELLED, EXIT_USAGE = 0, 1, 3, 4, 2
+
+
+# ---------------------------------------------------------------------------
+# progress display
+
+
+class ProgressPrinter:
+    """One tqdm bar per stage on stderr (plain lines when stderr is not a terminal)."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self._bar = None
+        self._stage = None
+
+    def __call__(self, stage: str, fraction: float, stage_fraction: float, message: str, preview: bytes | None = None) -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        if stage != self._stage:
+            self.close()
+            self._stage = stage
+            self._bar = tqdm(total=100, desc=f"{stage:>12}", unit="%", file=sys.stderr, leave=True,
+                             bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}", mininterval=0.25)
+        bar = self._bar
+        target = int(round(stage_fraction * 100))
+        if target > bar.n:
+            bar.update(target - bar.n)
+        if message:
+            bar.set_postfix_str(message[:60], refresh=False)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+# ---------------------------------------------------------------------------
+# flags from job specs
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_param_flags(parser: argparse.ArgumentParser, spec: JobSpec, skip: tuple[str, ...] = ()) -> None:
+    group = parser.add_argument_group(f"{spec.kind} parameters")
+    for p in spec.params:
+        if not p.cli or p.name in skip:
+            continue
+        kw: dict[str, Any] = {"dest": "param_" + p.name, "default": None, "help": f"{p.help} (default {p.default!r})"}
+        if p.type is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif p.type in (int, float, str):
+            kw["type"] = p.type
+            if p.choices:
+                kw["choices"] = p.choices
+        else:
+            continue
+        group.add_argument(_flag(p.name), **kw)
+
+
+def params_from_args(args: argparse.Namespace, spec: JobSpec) -> dict:
+    out = {}
+    for p in spec.params:
+        v = getattr(args, "param_" + p.name, None)
+        if v is not None:
+            out[p.name] = v
+    return out
+
+
+def add_client_flags(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    g = parser.add_argument_group("connection")
+    if required:
+        g.add_argument("--endpoint", default=os.environ.get("GEN3D_ENDPOINT", DEFAULT_ENDPOINT),
+                       help="backend address (default %(default)s; env GEN3D_ENDPOINT)")
+    else:
+        g.add_argument("--endpoint", default=None,
+                       help="run on the backend at this address (e.g. tcp://127.0.0.1:5555) instead of in this process")
+    g.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for an answer (default %(default)s)")
+    g.add_argument("--server-key", default=os.environ.get("GEN3D_SERVER_KEY"),
+                   help="the server's public CurveZMQ key (server.key file or 40-char Z85); env GEN3D_SERVER_KEY")
+    g.add_argument("--client-key", default=None, help="this client's key pair (client.key_secret) if the server restricts clients")
+
+
+def add_local_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("in-process run")
+    g.add_argument("--preset", default=os.environ.get("GEN3D_PRESET", "tiny"), help="model preset (default %(default)s)")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def make_client(args: argparse.Namespace) -> Client:
+    curve = None
+    if args.server_key:
+        from .keys import load_public
+
+        pub = sec = None
+        if args.client_key:
+            import zmq.auth
+
+            pub_b, sec_b = zmq.auth.load_certificate(args.client_key)
+            pub, sec = pub_b.decode(), (sec_b or b"").decode() or None
+        curve = CurveKeys(load_public(args.server_key), pub, sec)
+    return Client(args.endpoint, timeout=args.timeout, curve=curve)
+
+
+# ---------------------------------------------------------------------------
+# running jobs
+
+
+def run_job(args: argparse.Namespace, kind: str, params: dict, attachments: list[P.Attachment]) -> tuple[dict, dict[str, bytes]]:
+    """Run a job in-process or on ``args.endpoint``; returns (metadata, files)."""
+    printer = ProgressPrinter(getattr(args, "quiet", False))
+    try:
+        if args.endpoint:
+            return _run_remote(args, kind, params, attachments, printer)
+        return _run_local(args, kind, params, attachments, printer)
+    finally:
+        printer.close()
+
+
+def _run_local(args, kind, params, attachments, printer) -> tuple[dict, dict[str, bytes]]:
+    from . import device as dev
+    from .jobs import JobContext, Limits
+    from .progress import Progress
+    from .service import build_registry, make_models
+
+    registry = build_registry()
+    spec = registry.get(kind)
+    assert spec is not None, kind
+    limits = Limits()
+    inputs = spec.validate(params, attachments, limits)
+    device = dev.pick_device(args.device)
+    models = make_models(getattr(args, "preset", "tiny"), device)
+    ctx = JobContext(Progress(printer), device, models, None, limits)
+    t0 = time.perf_counter()
+    out = spec.handler(inputs, ctx)
+    meta = dict(out.metadata)
+    meta.setdefault("seconds", time.perf_counter() - t0)
+    return meta, {a.name: a.data for a in out.attachments}
+
+
+def _run_remote(args, kind, params, attachments, printer) -> tuple[dict, dict[str, bytes]]:
+    client = make_client(args)
+    job_holder: list[str] = []
+
+    def on_progress(msg: P.Message) -> None:
+        prev = msg.attachment("preview")
+        printer(msg.get("stage"), msg.get("fraction"), msg.get("stage_fraction", msg.get("fraction")), msg.get("message", ""), prev.data if prev else None)
+
+    try:
+        msg = client.run(kind, params, attachments, on_progress=on_progress, on_accepted=job_holder.append,
+                         idle_timeout=max(args.timeout, 30.0))
+    except KeyboardInterrupt:
+        if job_holder:
+            print(f"\ncancelling job {job_holder[0]} ...", file=sys.stderr)
+            client.cancel(job_holder[0])
+            for m in client.events(job_holder[0], idle_timeout=args.timeout):
+                if m.type in P.TERMINAL_TYPES:
+                    break
+        raise
+    finally:
+        client.close()
+    return msg.get("metadata", {}), {a.name: a.data for a in msg.attachments}
+
+
+def write_outputs(files: dict[str, bytes], mapping: dict[str, str | None]) -> list[Path]:
+    """Write result attachments to the paths the user named (name -> path)."""
+    written = []
+    for name, path in mapping.items():
+        if path is None:
+            continue
+        if name not in files:
+            raise BackendError(P.ErrorCode.INTERNAL, f"the job returned no {name!r} (it returned {sorted(files)})")
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(files[name])
+        written.append(p)
+    return written
+
+
+# ---------------------------------------------------------------------------
+# verbs
+
+
+def cmd_serve(args) -> int:
+    from .jobs import Limits
+    from .server import ConfigError, Server, ServerConfig, default_jobs_dir
+    from .service import build_registry, make_models
+    from . import device as dev
+
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        preset=args.preset,
+        device=args.device,
+        jobs_dir=Path(args.jobs_dir) if args.jobs_dir else default_jobs_dir(),
+        max_queue=args.max_queue,
+        limits=Limits(max_message_bytes=int(args.max_message_mb * 1024 * 1024), max_image_pixels=args.max_image_pixels),
+        keys_dir=Path(args.keys) if args.keys else None,
+        authorized_clients=Path(args.authorized_clients) if args.authorized_clients else None,
+    )
+    try:
+        from .server import check_bind_security
+
+        check_bind_security(config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    device = dev.pick_device(args.device)
+    server = Server(config, build_registry(), make_models(args.preset, device),
+                    announce=lambda ep: print(f"gen3d backend listening on {ep}", flush=True))
+
+    def _stop(signum, frame):  # noqa: ARG001
+        server._stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        server.serve_forever()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # zmq.ZMQError is an OSError: port in use and the like
+        print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def cmd_ping(args) -> int:
+    try:
+        with make_client(args) as c:
+            rtt = c.ping()
+    except BackendError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    print(f"pong from {args.endpoint} in {rtt * 1000:.2f} ms")
+    return EXIT_OK
+
+
+def cmd_capabilities(args) -> int:
+    try:
+        with make_client(args) as c:
+            caps = c.capabilities()
+    except BackendError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    print(json.dumps(caps, indent=2))
+    return EXIT_OK
+
+
+def cmd_status(args) -> int:
+    try:
+        with make_client(args) as c:
+            info = c.status(args.job)
+    except BackendError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return EXIT_UNREACHABLE if exc.code == "unreachable" else EXIT_FAIL
+    print(json.dumps(info, indent=2))
+    return EXIT_OK
+
+
+def cmd_fetch(args) -> int:
+    try:
+        with make_client(args) as c:
+            msg = c.fetch(args.job)
+    except JobCancelled:
+        print(f"job {args.job} was cancelled; it has no result", file=sys.stderr)
+        return EXIT_CANCELLED
+    except BackendError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return EXIT_UNREACHABLE if exc.code == "unreachable" else EXIT_FAIL
+    out = Path(args.out)
+    atts = msg.attachments
+    if len(atts) == 1 and out.suffix:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(atts[0].data)
+        print(out)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        for a in atts:
+            (out / a.name).write_bytes(a.data)
+            print(out / a.name)
+        (out / "metadata.json").write_text(json.dumps(msg.get("metadata", {}), indent=2))
+    return EXIT_OK
+
+
+def cmd_cancel(args) -> int:
+    try:
+        with make_client(args) as c:
+            req = new_req()
+            msg = c.request(P.cancel(args.job, req), req)
+    except BackendError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return EXIT_UNREACHABLE if exc.code == "unreachable" else EXIT_FAIL
+    print(f"job {args.job}: {msg.get('state')}{' (cancel requested)' if msg.get('cancel_requested') else ''}")
+    return EXIT_OK
+
+
+def cmd_keys(args) -> int:
+    from .keys import generate
+
+    try:
+        paths = generate(args.dir)
+    except FileExistsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"server secret key: {paths['server_secret']}  (keep it on the server)")
+    print(f"server public key: {paths['server']}  (give it to clients: --server-key / the add-on's preferences)")
+    print(f"client key pair:   {paths['client_secret']}")
+    print(f"start the server:  python -m backend serve --host 0.0.0.0 --keys {args.dir}")
+    return EXIT_OK
+
+
+def cmd_diagnose(args) -> int:
+    from . import diagnose
+
+    params = params_from_args(args, diagnose.SPEC)
+    meta, files = run_job(args, "diagnose", params, [])
+    text = json.dumps({k: v for k, v in meta.items() if k != "seconds"}, indent=2)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+    return EXIT_OK
+
+
+# Verbs contributed by pipeline modules: name -> (configure(parser), run(args) -> int)
+_JOB_VERBS: dict[str, tuple[str, Callable, Callable]] = {}
+
+
+def job_verb(name: str, help: str):
+    def deco(fn_pair):
+        configure, run = fn_pair
+        _JOB_VERBS[name] = (help, configure, run)
+        return fn_pair
+
+    return deco
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="python -m backend", description="gen3d backend: text/image to textured 3D mesh")
+    parser.add_argument("--version", action="version", version=f"gen3d backend {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = sub.add_parser("serve", help="run the ZeroMQ backend service")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s; others need --keys)")
+    p.add_argument("--port", type=int, default=5555, help="TCP port (default %(default)s; 0 picks a free one)")
+    p.add_argument("--preset", default=os.environ.get("GEN3D_PRESET", "tiny"), help="model preset (default %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--jobs-dir", default=None, help="where job results are kept (default ~/.cache/gen3d/jobs; env GEN3D_HOME)")
+    p.add_argument("--max-queue", type=int, default=64, help="jobs that may wait (default %(default)s)")
+    p.add_argument("--max-message-mb", type=float, default=256.0, help="largest accepted message in MiB (default %(default)s)")
+    p.add_argument("--max-image-pixels", type=int, default=P.DEFAULT_MAX_IMAGE_PIXELS, help="largest accepted image, in pixels")
+    p.add_argument("--keys", default=None, help="CurveZMQ key folder (python -m backend keys generate DIR); needed off loopback")
+    p.add_argument("--authorized-clients", default=None, help="folder of client public keys allowed to connect")
+    p.set_defaults(func=cmd_serve)
+
+    for name, fn, hlp in (("ping", cmd_ping, "check that a backend answers; prints the round-trip time"),
+                          ("capabilities", cmd_capabilities, "print the backend's job kinds, presets, device and versions")):
+        p = sub.add_parser(name, help=hlp)
+        add_client_flags(p, required=True)
+        p.set_defaults(func=fn)
+
+    p = sub.add_parser("status", help="server status, or one job's")
+    p.add_argument("job", nargs="?", default=None)
+    add_client_flags(p, required=True)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("fetch", help="download a finished job's result")
+    p.add_argument("job")
+    p.add_argument("--out", required=True, help="file (single result) or folder")
+    add_client_flags(p, required=True)
+    p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("cancel", help="cancel a queued or running job")
+    p.add_argument("job")
+    add_client_flags(p, required=True)
+    p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("keys", help="CurveZMQ keys for a backend reachable from other machines")
+    ks = p.add_subparsers(dest="keys_verb", required=True)
+    kg = ks.add_parser("generate", help="make server and client key pairs in DIR")
+    kg.add_argument("dir")
+    kg.set_defaults(func=cmd_keys)
+
+    from . import diagnose
+
+    p = sub.add_parser("diagnose", help="device, memory and library versions (in-process or on --endpoint)")
+    add_param_flags(p, diagnose.SPEC)
+    p.add_argument("--out", default=None, help="also write the report to this JSON file")
+    add_client_flags(p)
+    add_local_flags(p)
+    p.set_defaults(func=cmd_diagnose)
+
+    from . import service
+
+    service.register_cli_verbs()
+    for name, (hlp, configure, run) in _JOB_VERBS.items():
+        p = sub.add_parser(name, help=hlp)
+        configure(p)
+        add_client_flags(p)
+        add_local_flags(p)
+        p.set_defaults(func=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING - 10 * args.verbose if args.verb != "serve" else logging.INFO - 10 * args.verbose,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.func(args)
+    except JobCancelled as exc:
+        print(f"cancelled: {exc.message}", file=sys.stderr)
+        return EXIT_CANCELLED
+    except BackendError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return EXIT_UNREACHABLE if exc.code == "unreachable" else EXIT_FAIL
+    except P.ProtocolError as exc:
+        print(f"error: [{exc.code}] {exc.message}", file=sys.stderr)
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_CANCELLED
+    except Exception as exc:  # noqa: BLE001 - shown as one line; -v shows the traceback
+        if args.verbose:
+            raise
+        from .jobs import JobError
+
+        if not isinstance(exc, (JobError, FileNotFoundError, ValueError)):
+            logging.getLogger("gen3d").debug("unexpected failure", exc_info=True)
+            print(f"error: {type(exc).__name__}: {exc} (run with -v for details)", file=sys.stderr)
+        else:
+            print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAIL

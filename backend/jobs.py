@@ -1,0 +1,270 @@
+"""Job kinds: parameter and attachment specs, validation, and the registry.
+
+A job kind is a :class:`JobSpec`: a name, typed parameters with defaults and
+bounds, the attachments it takes, and a handler ``(JobInputs, JobContext) ->
+JobOutput`` that composes pipeline stages. The server validates a submit
+against the spec before accepting it; the CLI builds its flags from the same
+specs, so the two never disagree.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from gen3d_wire import protocol as P
+from gen3d_wire.protocol import Attachment, ErrorCode, ProtocolError
+
+from .progress import NULL, Progress
+
+
+class JobError(Exception):
+    """An error a job reports to its client with a specific code."""
+
+    code = ErrorCode.JOB_FAILED
+
+
+class InputError(JobError, ValueError):
+    """The job's input is unusable (bad image, broken GLB, NaN cameras...)."""
+
+    code = ErrorCode.BAD_INPUT
+
+
+class ModelMissing(JobError):
+    """Weights are not on disk and cannot be downloaded."""
+
+    code = ErrorCode.MODEL_MISSING
+
+
+_TYPE_NAMES = {int: "integer", float: "number", str: "string", bool: "boolean", list: "list", dict: "object"}
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: type
+    default: Any
+    help: str = ""
+    min: float | None = None
+    max: float | None = None
+    choices: tuple | None = None
+    nullable: bool = False
+    check: Callable[[Any], Any] | None = None  # extra validation/normalisation; raise ValueError
+    cli: bool = True  # exposed as a CLI flag
+
+    def validate(self, value: Any) -> Any:
+        where = f"parameter '{self.name}'"
+        if value is None:
+            if self.nullable:
+                return None
+            raise ProtocolError(ErrorCode.BAD_PARAMS, f"{where} may not be null")
+        t = self.type
+        ok = (
+            (t is bool and isinstance(value, bool))
+            or (t is int and isinstance(value, int) and not isinstance(value, bool))
+            or (t is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+            or (t in (str, list, dict) and isinstance(value, t))
+        )
+        if not ok:
+            raise ProtocolError(
+                ErrorCode.BAD_PARAMS, f"{where} must be a {_TYPE_NAMES.get(t, t.__name__)}, got {type(value).__name__}"
+            )
+        if t is float:
+            value = float(value)
+            if not math.isfinite(value):
+                raise ProtocolError(ErrorCode.BAD_PARAMS, f"{where} must be finite")
+        if t is str and len(value) > 4000:
+            raise ProtocolError(ErrorCode.BAD_PARAMS, f"{where} is longer than 4000 characters")
+        if self.min is not None and value < self.min:
+            raise ProtocolError(ErrorCode.BAD_PARAMS, f"{where} must be >= {self.min}, got {value}")
+        if self.max is not None and value > self.max:
+            raise ProtocolError(ErrorCode.BAD_PARAMS, f"{where} must be <= {self.max}, got {value}")
+        if self.choices is not None and value not in self.choices:
+            raise ProtocolError(ErrorCode.BAD_PARAMS, f"{where} must be one of {list(self.choices)}, got {value!r}")
+        if self.check is not None:
+            try:
+                value = self.check(value)
+            except (ValueError, TypeError) as exc:
+                raise ProtocolError(ErrorCode.BAD_PARAMS, f"{where}: {exc}") from None
+        return value
+
+    def describe(self) -> dict:
+        d: dict[str, Any] = {"type": _TYPE_NAMES.get(self.type, self.type.__name__), "default": self.default, "help": self.help}
+        if self.min is not None:
+            d["min"] = self.min
+        if self.max is not None:
+            d["max"] = self.max
+        if self.choices is not None:
+            d["choices"] = list(self.choices)
+        if self.nullable:
+            d["nullable"] = True
+        return d
+
+
+@dataclass(frozen=True)
+class AttachmentSpec:
+    name: str
+    kind: str  # "image" | "glb" | "json"
+    required: bool = False
+    help: str = ""
+
+    def describe(self) -> dict:
+        mime = {"image": "image/png", "glb": "model/gltf-binary", "json": "application/json"}[self.kind]
+        return {"kind": self.kind, "mime": mime, "required": self.required, "help": self.help}
+
+
+@dataclass
+class Limits:
+    max_message_bytes: int = P.DEFAULT_MAX_MESSAGE_BYTES
+    max_image_pixels: int = P.DEFAULT_MAX_IMAGE_PIXELS
+
+
+def check_image_bytes(data: bytes, max_pixels: int, name: str = "image") -> tuple[int, int]:
+    """Cheap header-only check of an image attachment: format and pixel count.
+    Returns (width, height). Raises ProtocolError."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            fmt = im.format
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ProtocolError(ErrorCode.BAD_PARAMS, f"attachment '{name}' is not a readable image: {exc}") from None
+    if fmt not in ("PNG", "JPEG", "WEBP"):
+        raise ProtocolError(ErrorCode.BAD_PARAMS, f"attachment '{name}' is {fmt}; send PNG (or JPEG/WebP)")
+    if w * h > max_pixels:
+        raise ProtocolError(
+            ErrorCode.TOO_LARGE, f"attachment '{name}' is {w}x{h} = {w * h} pixels; the limit is {max_pixels}"
+        )
+    if w < 8 or h < 8:
+        raise ProtocolError(ErrorCode.BAD_PARAMS, f"attachment '{name}' is {w}x{h}; at least 8x8 is needed")
+    return w, h
+
+
+def check_glb_bytes(data: bytes, name: str = "mesh") -> None:
+    import struct
+
+    if len(data) < 20 or data[:4] != b"glTF":
+        raise ProtocolError(ErrorCode.BAD_PARAMS, f"attachment '{name}' is not a GLB (binary glTF) file")
+    version, length = struct.unpack_from("<II", data, 4)
+    if version != 2:
+        raise ProtocolError(ErrorCode.BAD_PARAMS, f"attachment '{name}' is glTF version {version}; only 2 is supported")
+    if length != len(data):
+        raise ProtocolError(
+            ErrorCode.BAD_PARAMS, f"attachment '{name}' says it is {length} bytes long but {len(data)} arrived (truncated?)"
+        )
+
+
+@dataclass
+class JobInputs:
+    params: dict[str, Any]
+    attachments: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class JobOutput:
+    attachments: list[Attachment] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class JobContext:
+    progress: Progress = NULL
+    device: str = "cpu"
+    models: Any = None  # a backend.models.ModelStore (or None where a kind needs none)
+    workdir: Path | None = None
+    limits: Limits = field(default_factory=Limits)
+
+
+Handler = Callable[[JobInputs, JobContext], JobOutput]
+
+
+@dataclass
+class JobSpec:
+    kind: str
+    description: str
+    handler: Handler
+    params: tuple[Param, ...] = ()
+    attachments: tuple[AttachmentSpec, ...] = ()
+    # cross-field validation after the per-field checks; raise ValueError
+    check: Callable[[JobInputs], None] | None = None
+
+    def validate(self, params: Mapping[str, Any] | None, attachments: Iterable[Attachment], limits: Limits) -> JobInputs:
+        params = dict(params or {})
+        known = {p.name: p for p in self.params}
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise ProtocolError(
+                ErrorCode.BAD_PARAMS, f"unknown parameter(s) {unknown} for '{self.kind}'; known: {sorted(known)}"
+            )
+        out = {name: p.validate(params[name]) if name in params else p.default for name, p in known.items()}
+        atts = {a.name: a for a in attachments}
+        specs = {s.name: s for s in self.attachments}
+        extra = sorted(set(atts) - set(specs))
+        if extra:
+            raise ProtocolError(
+                ErrorCode.BAD_PARAMS, f"unknown attachment(s) {extra} for '{self.kind}'; known: {sorted(specs)}"
+            )
+        data: dict[str, bytes] = {}
+        for name, spec in specs.items():
+            att = atts.get(name)
+            if att is None:
+                if spec.required:
+                    raise ProtocolError(ErrorCode.BAD_PARAMS, f"'{self.kind}' needs attachment '{name}' ({spec.help})")
+                continue
+            if len(att.data) == 0:
+                raise ProtocolError(ErrorCode.BAD_PARAMS, f"attachment '{name}' is empty")
+            if spec.kind == "image":
+                check_image_bytes(att.data, limits.max_image_pixels, name)
+            elif spec.kind == "glb":
+                check_glb_bytes(att.data, name)
+            elif spec.kind == "json":
+                try:
+                    json.loads(att.data.decode("utf-8"))
+                except (UnicodeDecodeError, ValueError) as exc:
+                    raise ProtocolError(ErrorCode.BAD_PARAMS, f"attachment '{name}' is not UTF-8 JSON: {exc}") from None
+            data[name] = att.data
+        inputs = JobInputs(out, data)
+        if self.check is not None:
+            try:
+                self.check(inputs)
+            except ValueError as exc:
+                raise ProtocolError(ErrorCode.BAD_PARAMS, str(exc)) from None
+        return inputs
+
+    def describe(self) -> dict:
+        return {
+            "description": self.description,
+            "params": {p.name: p.describe() for p in self.params},
+            "attachments": {a.name: a.describe() for a in self.attachments},
+        }
+
+
+class Registry:
+    """The job kinds a server or the CLI offers."""
+
+    def __init__(self, specs: Iterable[JobSpec] = ()):
+        self._specs: dict[str, JobSpec] = {}
+        for s in specs:
+            self.add(s)
+
+    def add(self, spec: JobSpec) -> None:
+        if spec.kind in self._specs:
+            raise ValueError(f"job kind {spec.kind!r} registered twice")
+        self._specs[spec.kind] = spec
+
+    def get(self, kind: str) -> JobSpec | None:
+        return self._specs.get(kind)
+
+    def __contains__(self, kind: str) -> bool:
+        return kind in self._specs
+
+    def kinds(self) -> list[str]:
+        return list(self._specs)
+
+    def describe(self) -> dict:
+        return {k: s.describe() for k, s in self._specs.items()}

@@ -1,0 +1,91 @@
+"""Shared fixtures: servers in-process and as subprocesses, test-only job kinds."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Tests never reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+class ServerProcess:
+    """``python -m backend serve`` in a subprocess, on a free port."""
+
+    def __init__(self, args: list[str], env: dict | None = None, timeout: float = 60.0):
+        self.lines: list[str] = []
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        full_env["PYTHONUNBUFFERED"] = "1"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "backend", "serve", "--port", "0", *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=full_env,
+        )
+        self.endpoint = None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            if "listening on" in line:
+                self.endpoint = line.strip().split("listening on ")[1]
+                break
+        if self.endpoint is None:
+            self.proc.kill()
+            raise RuntimeError("server did not start:\n" + "".join(self.lines) + (self.proc.stdout.read() or ""))
+        self._drain = threading.Thread(target=self._read_rest, daemon=True)
+        self._drain.start()
+
+    def _read_rest(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def rss(self) -> int:
+        import psutil
+
+        return psutil.Process(self.proc.pid).memory_info().rss
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+
+@pytest.fixture
+def server_process(tmp_path):
+    started: list[ServerProcess] = []
+
+    def start(*args: str, env: dict | None = None) -> ServerProcess:
+        sp = ServerProcess(["--jobs-dir", str(tmp_path / "jobs"), *args], env=env)
+        started.append(sp)
+        return sp
+
+    yield start
+    for sp in started:
+        sp.stop()
