@@ -107,14 +107,21 @@ class Param:
 
 @dataclass(frozen=True)
 class AttachmentSpec:
-    name: str
+    name: str  # the attachment's name, or with ``multiple`` a prefix ("views/")
     kind: str  # "image" | "glb" | "json"
     required: bool = False
     help: str = ""
+    multiple: bool = False  # any number of attachments whose names start with ``name``
+
+    def matches(self, name: str) -> bool:
+        return name.startswith(self.name) if self.multiple else name == self.name
 
     def describe(self) -> dict:
         mime = {"image": "image/png", "glb": "model/gltf-binary", "json": "application/json"}[self.kind]
-        return {"kind": self.kind, "mime": mime, "required": self.required, "help": self.help}
+        d = {"kind": self.kind, "mime": mime, "required": self.required, "help": self.help}
+        if self.multiple:
+            d["multiple"] = True
+        return d
 
 
 @dataclass
@@ -202,32 +209,30 @@ class JobSpec:
                 ErrorCode.BAD_PARAMS, f"unknown parameter(s) {unknown} for '{self.kind}'; known: {sorted(known)}"
             )
         out = {name: p.validate(params[name]) if name in params else p.default for name, p in known.items()}
-        atts = {a.name: a for a in attachments}
-        specs = {s.name: s for s in self.attachments}
-        extra = sorted(set(atts) - set(specs))
-        if extra:
-            raise ProtocolError(
-                ErrorCode.BAD_PARAMS, f"unknown attachment(s) {extra} for '{self.kind}'; known: {sorted(specs)}"
-            )
         data: dict[str, bytes] = {}
-        for name, spec in specs.items():
-            att = atts.get(name)
-            if att is None:
-                if spec.required:
-                    raise ProtocolError(ErrorCode.BAD_PARAMS, f"'{self.kind}' needs attachment '{name}' ({spec.help})")
-                continue
+        found: dict[str, int] = {}
+        for att in attachments:
+            spec = next((sp for sp in self.attachments if sp.matches(att.name)), None)
+            if spec is None:
+                known = [sp.name + ("*" if sp.multiple else "") for sp in self.attachments]
+                raise ProtocolError(ErrorCode.BAD_PARAMS, f"unknown attachment {att.name!r} for '{self.kind}'; known: {known}")
             if len(att.data) == 0:
-                raise ProtocolError(ErrorCode.BAD_PARAMS, f"attachment '{name}' is empty")
+                raise ProtocolError(ErrorCode.BAD_PARAMS, f"attachment '{att.name}' is empty")
             if spec.kind == "image":
-                check_image_bytes(att.data, limits.max_image_pixels, name)
+                check_image_bytes(att.data, limits.max_image_pixels, att.name)
             elif spec.kind == "glb":
-                check_glb_bytes(att.data, name)
+                check_glb_bytes(att.data, att.name)
             elif spec.kind == "json":
                 try:
                     json.loads(att.data.decode("utf-8"))
                 except (UnicodeDecodeError, ValueError) as exc:
-                    raise ProtocolError(ErrorCode.BAD_PARAMS, f"attachment '{name}' is not UTF-8 JSON: {exc}") from None
-            data[name] = att.data
+                    raise ProtocolError(ErrorCode.BAD_PARAMS, f"attachment '{att.name}' is not UTF-8 JSON: {exc}") from None
+            data[att.name] = att.data
+            found[spec.name] = found.get(spec.name, 0) + 1
+        for spec in self.attachments:
+            if spec.required and not found.get(spec.name):
+                what = f"attachments named '{spec.name}...'" if spec.multiple else f"attachment '{spec.name}'"
+                raise ProtocolError(ErrorCode.BAD_PARAMS, f"'{self.kind}' needs {what} ({spec.help})")
         inputs = JobInputs(out, data)
         if self.check is not None:
             try:

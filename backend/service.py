@@ -10,9 +10,9 @@ from .jobs import Registry
 
 def build_registry() -> Registry:
     """Every job kind whose pipeline exists. A kind not implemented is not listed."""
-    from . import diagnose
+    from . import diagnose, reconstruct
 
-    specs = [diagnose.SPEC]
+    specs = [diagnose.SPEC, reconstruct.SPEC]
     return Registry(specs)
 
 
@@ -22,4 +22,7 @@ def make_models(preset: str, device: str) -> Any:
 
 
 def register_cli_verbs() -> None:
-    """Import the modules that contribute job verbs to the CLI."""
+    """Register the job verbs that pipeline modules contribute to the CLI."""
+    from . import cli, reconstruct
+
+    cli.job_verb("reconstruct", "posed views (transforms.json) -> textured mesh GLB")(reconstruct.CLI)

@@ -22,7 +22,7 @@ SUPPORTED_VERSIONS = (1,)
 
 # Limits a peer may rely on. The server may lower them (capabilities says).
 MAX_HEADER_BYTES = 64 * 1024
-MAX_ATTACHMENTS = 64
+MAX_ATTACHMENTS = 1024
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 

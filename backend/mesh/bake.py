@@ -1,0 +1,137 @@
+"""Texture baking: colour every texel from the views that see it.
+
+Each texel inside a UV chart gets its surface point and normal. Every view
+(an RGBA image with its camera: renders of the Gaussians, or photos) votes for
+the texels it sees: visible (depth test against the mesh rendered from that
+view), inside the view's alpha, facing the camera; the vote's weight is
+``cos(angle)^power``, so frontal views dominate and grazing ones fade out.
+Texels no view sees, and the gutters between charts, are filled from the
+nearest coloured texel (seam padding), so bilinear filtering and mipmaps
+never bleed background into the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .. import cameras as cam
+from ..progress import NULL, Progress
+from .raster import interpolate, rasterize_mesh, rasterize_uv
+
+
+@dataclass
+class BakeView:
+    c2w: np.ndarray  # [4,4] Blender convention
+    intr: cam.Intrinsics
+    rgba: np.ndarray  # [H,W,4] straight alpha
+
+
+@dataclass
+class BakeSettings:
+    texture_size: int = 1024
+    cos_power: float = 4.0
+    min_cos: float = 0.05
+    alpha_threshold: float = 0.5
+    depth_tolerance: float = 0.01  # as a fraction of the mesh's bounding diagonal
+
+
+def sphere_cameras(center, radius: float, fov_deg: float, resolution: int, elevations=(-45.0, 0.0, 45.0),
+                   azimuths: int = 8, poles: bool = True) -> list[tuple[np.ndarray, cam.Intrinsics]]:
+    """Cameras around ``center`` at ``radius`` (26 by default: 3 rings of 8 plus top and bottom)."""
+    intr = cam.Intrinsics.from_fov(np.radians(fov_deg), resolution, resolution)
+    out = []
+    for el in elevations:
+        for k in range(azimuths):
+            out.append((cam.spherical_to_c2w(el, 360.0 * k / azimuths + (22.5 if el != 0 else 0.0), radius, center), intr))
+    if poles:
+        out.append((cam.spherical_to_c2w(89.9, 0.0, radius, center), intr))
+        out.append((cam.spherical_to_c2w(-89.9, 0.0, radius, center), intr))
+    return out
+
+
+def _bilinear(img: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
+    """Sample img [H,W,C] at pixel coordinates xy [N,2] (centres at +0.5), clamped at borders."""
+    H, W, _ = img.shape
+    x = (xy[:, 0] - 0.5).clamp(0, W - 1)
+    y = (xy[:, 1] - 0.5).clamp(0, H - 1)
+    x0 = x.floor().long().clamp(max=W - 2) if W > 1 else x.floor().long()
+    y0 = y.floor().long().clamp(max=H - 2) if H > 1 else y.floor().long()
+    fx = (x - x0).unsqueeze(1)
+    fy = (y - y0).unsqueeze(1)
+    x1 = (x0 + 1).clamp(max=W - 1)
+    y1 = (y0 + 1).clamp(max=H - 1)
+    return ((img[y0, x0] * (1 - fx) + img[y0, x1] * fx) * (1 - fy) + (img[y1, x0] * (1 - fx) + img[y1, x1] * fx) * fy)
+
+
+def fill_empty(texture: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Copy each invalid texel's colour from the nearest valid one."""
+    from scipy.ndimage import distance_transform_edt
+
+    if valid.all() or not valid.any():
+        return texture
+    _, (iy, ix) = distance_transform_edt(~valid, return_indices=True)
+    return texture[iy, ix]
+
+
+@torch.no_grad()
+def bake_texture(vertices: np.ndarray, faces: np.ndarray, uv: np.ndarray, normals: np.ndarray, views: list[BakeView],
+                 settings: BakeSettings | None = None, progress: Progress = NULL,
+                 base: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Bake ``views`` into a texture for the mesh (vertices/normals per UV vertex).
+
+    Returns (texture [S,S,3] float32, coverage [S,S] bool: texels some view saw).
+    ``base``, if given, is the colour for texels no view sees (else nearest fill)."""
+    s = settings or BakeSettings()
+    S = s.texture_size
+    V = torch.as_tensor(vertices, dtype=torch.float32)
+    Fc = torch.as_tensor(faces, dtype=torch.long)
+    N = torch.as_tensor(normals, dtype=torch.float32)
+    r = rasterize_uv(torch.as_tensor(uv, dtype=torch.float32), Fc, S)
+    texel = r.mask.reshape(-1)
+    idx = torch.nonzero(texel).squeeze(1)
+    pos = interpolate(r, V, Fc).reshape(-1, 3)[idx]
+    nrm = interpolate(r, N, Fc).reshape(-1, 3)[idx]
+    nrm = nrm / nrm.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    acc = torch.zeros(len(idx), 3)
+    wsum = torch.zeros(len(idx))
+    diag = float(np.linalg.norm(np.ptp(vertices, axis=0)))
+    tol = s.depth_tolerance * diag
+    for i, view in enumerate(views):
+        progress.update(i / max(1, len(views)), f"view {i + 1}/{len(views)}")
+        k = view.intr
+        img = torch.as_tensor(view.rgba, dtype=torch.float32)
+        depth = rasterize_mesh(V, Fc, view.c2w, k).depth
+        vm = torch.as_tensor(cam.c2w_to_viewmat(view.c2w), dtype=torch.float32)
+        pc = pos @ vm[:3, :3].T + vm[:3, 3]
+        z = pc[:, 2]
+        front = z > 1e-6
+        zs = torch.where(front, z, torch.ones_like(z))
+        xy = torch.stack([k.fx * pc[:, 0] / zs + k.cx, k.fy * pc[:, 1] / zs + k.cy], -1)
+        inside = front & (xy[:, 0] >= 0) & (xy[:, 0] < k.width) & (xy[:, 1] >= 0) & (xy[:, 1] < k.height)
+        px = xy[:, 0].clamp(0, k.width - 1).long()
+        py = xy[:, 1].clamp(0, k.height - 1).long()
+        visible = inside & (z <= depth[py, px] + tol)
+        cam_pos = torch.as_tensor(view.c2w[:3, 3], dtype=torch.float32)
+        to_cam = cam_pos - pos
+        cos = (nrm * to_cam).sum(1) / to_cam.norm(dim=1).clamp_min(1e-12)
+        sample = _bilinear(img, xy)
+        w = torch.where(visible & (cos > s.min_cos) & (sample[:, 3] > s.alpha_threshold),
+                        cos.clamp_min(0) ** s.cos_power, torch.zeros_like(cos))
+        acc += w[:, None] * sample[:, :3]
+        wsum += w
+    progress.update(1.0, "filling seams")
+    colored = wsum > 0
+    tex = np.zeros((S * S, 3), np.float32)
+    got = np.zeros(S * S, bool)
+    tex[idx[colored].numpy()] = (acc[colored] / wsum[colored, None]).numpy()
+    got[idx[colored].numpy()] = True
+    tex = tex.reshape(S, S, 3)
+    got = got.reshape(S, S)
+    if base is not None:
+        b = np.asarray(base, np.float32).reshape(S, S, -1)[..., :3]
+        tex = np.where(got[..., None], tex, b)
+        return tex, got
+    return fill_empty(tex, got), got

@@ -1,0 +1,62 @@
+"""Mesh clean-up with pymeshlab: floaters, small holes, smoothing, face budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class CleanSettings:
+    target_faces: int = 20000
+    min_component_fraction: float = 0.05  # drop parts smaller than this fraction of the bounding diagonal
+    max_hole_edges: int = 60  # close holes with at most this many boundary edges
+    smoothing_steps: int = 3  # Taubin steps (volume preserving)
+    remesh_iterations: int = 0  # isotropic remeshing passes before decimation (0: none)
+
+
+def clean_mesh(vertices: np.ndarray, faces: np.ndarray, settings: CleanSettings | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Returns (vertices, faces, vertex normals) of the cleaned mesh."""
+    import pymeshlab
+
+    s = settings or CleanSettings()
+    ms = pymeshlab.MeshSet()
+    ms.add_mesh(pymeshlab.Mesh(vertex_matrix=np.asarray(vertices, np.float64), face_matrix=np.asarray(faces, np.int32)))
+    ms.meshing_remove_duplicate_vertices()
+    ms.meshing_remove_duplicate_faces()
+    ms.meshing_remove_null_faces()
+    ms.meshing_remove_unreferenced_vertices()
+    if s.min_component_fraction > 0:
+        ms.meshing_remove_connected_component_by_diameter(
+            mincomponentdiag=pymeshlab.PercentageValue(100.0 * s.min_component_fraction))
+    ms.meshing_repair_non_manifold_edges()
+    ms.meshing_repair_non_manifold_vertices()
+    if s.max_hole_edges > 0:
+        try:
+            ms.meshing_close_holes(maxholesize=s.max_hole_edges, newfaceselected=False)
+        except pymeshlab.PyMeshLabException:
+            pass  # non-manifold leftovers: keep the holes rather than fail the job
+    if s.smoothing_steps > 0:
+        ms.apply_coord_taubin_smoothing(stepsmoothnum=s.smoothing_steps)
+    if s.remesh_iterations > 0:
+        ms.meshing_isotropic_explicit_remeshing(iterations=s.remesh_iterations)
+    if ms.current_mesh().face_number() > s.target_faces:
+        ms.meshing_decimation_quadric_edge_collapse(targetfacenum=int(s.target_faces), preservenormal=True,
+                                                     preservetopology=True, optimalplacement=True, planarquadric=True,
+                                                     qualitythr=0.3, autoclean=True)
+    ms.meshing_remove_unreferenced_vertices()
+    ms.meshing_re_orient_faces_coherently()
+    m = ms.current_mesh()
+    v = m.vertex_matrix().astype(np.float64)
+    f = m.face_matrix().astype(np.int64)
+    if len(f) == 0:
+        raise ValueError("mesh clean-up left no faces")
+    # outward orientation: the signed volume of a closed-ish outward mesh is positive
+    tri = v[f] - v.mean(0)
+    vol = np.einsum("ij,ij->i", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])).sum() / 6.0
+    if vol < 0:
+        f = f[:, ::-1].copy()
+    from .textured import vertex_normals
+
+    return v, f, vertex_normals(v, f)
