@@ -20,7 +20,7 @@ from .gaussians.train import TrainSettings, train_gaussians
 from .jobs import AttachmentSpec, InputError, JobContext, JobInputs, JobOutput, JobSpec, Param
 from .mesh.bake import BakeSettings, BakeView, bake_texture, sphere_cameras
 from .mesh.clean import CleanSettings, clean_mesh
-from .mesh.extract import density_grid, free_space, gaussian_bounds, solid_surface
+from .mesh.extract import calibrated_surface, centre_density, density_grid, free_space, gaussian_bounds, solid_surface
 from .mesh.gltf import write_glb
 from .mesh.textured import TexturedMesh
 from .mesh.uv import unwrap
@@ -30,7 +30,7 @@ from .progress import NULL, Progress
 @dataclass
 class MeshSettings:
     grid_resolution: int = 128
-    level: float = 0.3
+    level: float = 0.0  # iso level of the density (0: calibrated on the views' silhouettes)
     carve_views: int = 26  # extra views around the object used to find free space
     clean: CleanSettings = field(default_factory=CleanSettings)
 
@@ -72,7 +72,7 @@ def render_views(g: Gaussians, rig: list[tuple[np.ndarray, cam.Intrinsics]]) -> 
 
 def gaussians_to_mesh(g: Gaussians, views: PosedViews, settings: MeshSettings, progress: Progress = NULL):
     """Density grid, free-space carving from renders, marching cubes, clean-up.
-    Returns (vertices, faces, normals) in world space."""
+    Returns (vertices, faces, normals, iso level) in world space."""
     lo, hi = gaussian_bounds(g)
     grid = density_grid(g, settings.grid_resolution, (lo, hi))
     progress.update(0.3, "density grid")
@@ -83,10 +83,15 @@ def gaussians_to_mesh(g: Gaussians, views: PosedViews, settings: MeshSettings, p
     if settings.carve_views:
         rig += sphere_cameras(center, dist, fov, res)[: settings.carve_views]
     free = free_space(grid, g, rig)
-    progress.update(0.6, "free space")
-    v, f = solid_surface(grid, free, settings.level)
-    progress.update(0.7, f"marching cubes: {len(f)} faces")
-    return clean_mesh(v, f, settings.clean)
+    progress.update(0.5, "free space")
+    if settings.level > 0:
+        v, f = solid_surface(grid, free, settings.level)
+        level = settings.level
+    else:
+        v, f, level, _ = calibrated_surface(grid, free, views, centre_density(grid, g))
+    progress.update(0.7, f"marching cubes at level {level:g}: {len(f)} faces")
+    v, f, n = clean_mesh(v, f, settings.clean)
+    return v, f, n, level
 
 
 def reconstruct(views: PosedViews, settings: ReconstructSettings | None = None, device: str = "cpu",
@@ -104,7 +109,7 @@ def reconstruct(views: PosedViews, settings: ReconstructSettings | None = None, 
 
     t = time.perf_counter()
     p = plan["mesh"]
-    v, f, n = gaussians_to_mesh(g, views, s.mesh, p)
+    v, f, n, level = gaussians_to_mesh(g, views, s.mesh, p)
     timings["mesh"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -130,6 +135,7 @@ def reconstruct(views: PosedViews, settings: ReconstructSettings | None = None, 
         "gaussians": len(g),
         "vertices": int(len(uvv)),
         "faces": int(len(uf)),
+        "iso_level": level,
         "texture_size": int(tex.shape[0]),
         "texture_coverage": float(covered.mean()),
         "bounds": [v.min(0).tolist(), v.max(0).tolist()],

@@ -89,3 +89,26 @@ def server_process(tmp_path):
     yield start
     for sp in started:
         sp.stop()
+
+
+@pytest.fixture(scope="session")
+def gt_data(tmp_path_factory):
+    """Ground-truth datasets rendered by Blender (in a subprocess), once per session."""
+    import importlib.util
+
+    if importlib.util.find_spec("bpy") is None:
+        pytest.skip("needs the bpy module (pip install bpy==5.0.1 on Python 3.11)")
+    from evaluation.groundtruth import run_groundtruth
+
+    cache: dict = {}
+
+    def make(obj: str = "suzanne", train: int = 16, test: int = 4, res: int = 64, offset=(0.0, 0.0, 0.0), seed: int = 0) -> Path:
+        key = (obj, train, test, res, tuple(offset), seed)
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"gt_{obj}_{res}")
+            run_groundtruth(["--object", obj, "--out", str(out), "--train", str(train), "--test", str(test),
+                             "--resolution", str(res), "--seed", str(seed), "--offset", *[str(x) for x in offset]])
+            cache[key] = out
+        return cache[key]
+
+    return make

@@ -55,7 +55,7 @@ class TrainSettings:
     preview_size: int = 128
     seed: int = 0
 
-    CPU_ITERATIONS = 1200
+    CPU_ITERATIONS = 1000
     CUDA_ITERATIONS = 4000
 
     def resolve_iterations(self, device) -> int:

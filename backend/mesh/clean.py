@@ -1,8 +1,20 @@
-"""Mesh clean-up with pymeshlab: floaters, small holes, smoothing, face budget."""
+"""Mesh clean-up with pymeshlab: floaters, small holes, smoothing, face budget.
+
+pymeshlab corrupts the heap when its filters run on a thread other than the
+process's main thread (glibc aborts with "malloc_consolidate(): unaligned
+fastbin chunk detected", reproducible with a single quadric decimation in a
+``threading.Thread``). The server runs jobs on a worker thread, so there the
+clean-up runs in a short-lived subprocess (``python -m backend.mesh.clean``,
+arrays in and out as .npz); on the main thread it runs in-process.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import io
+import subprocess
+import sys
+import threading
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -18,9 +30,39 @@ class CleanSettings:
 
 def clean_mesh(vertices: np.ndarray, faces: np.ndarray, settings: CleanSettings | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Returns (vertices, faces, vertex normals) of the cleaned mesh."""
+    s = settings or CleanSettings()
+    if threading.current_thread() is threading.main_thread():
+        return _clean(vertices, faces, s)
+    return _clean_in_subprocess(vertices, faces, s)
+
+
+def _clean_in_subprocess(vertices, faces, s: CleanSettings):
+    buf = io.BytesIO()
+    np.savez(buf, vertices=np.asarray(vertices, np.float64), faces=np.asarray(faces, np.int64),
+             settings=np.array(list(asdict(s).values()), np.float64))
+    proc = subprocess.run([sys.executable, "-m", "backend.mesh.clean"], input=buf.getvalue(), capture_output=True,
+                          timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"mesh clean-up failed: {proc.stderr.decode(errors='replace').strip()[-2000:]}")
+    out = np.load(io.BytesIO(proc.stdout))
+    return out["vertices"], out["faces"], out["normals"]
+
+
+def _subprocess_main() -> None:
+    data = np.load(io.BytesIO(sys.stdin.buffer.read()))
+    fields = list(CleanSettings.__dataclass_fields__)
+    vals = data["settings"].tolist()
+    types = {k: type(v) for k, v in asdict(CleanSettings()).items()}
+    s = CleanSettings(**{k: types[k](v) for k, v in zip(fields, vals)})
+    v, f, n = _clean(data["vertices"], data["faces"], s)
+    buf = io.BytesIO()
+    np.savez(buf, vertices=v, faces=f, normals=n)
+    sys.stdout.buffer.write(buf.getvalue())
+
+
+def _clean(vertices: np.ndarray, faces: np.ndarray, s: CleanSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     import pymeshlab
 
-    s = settings or CleanSettings()
     ms = pymeshlab.MeshSet()
     ms.add_mesh(pymeshlab.Mesh(vertex_matrix=np.asarray(vertices, np.float64), face_matrix=np.asarray(faces, np.int32)))
     ms.meshing_remove_duplicate_vertices()
@@ -41,12 +83,20 @@ def clean_mesh(vertices: np.ndarray, faces: np.ndarray, settings: CleanSettings 
         ms.apply_coord_taubin_smoothing(stepsmoothnum=s.smoothing_steps)
     if s.remesh_iterations > 0:
         ms.meshing_isotropic_explicit_remeshing(iterations=s.remesh_iterations)
-    if ms.current_mesh().face_number() > s.target_faces:
+    # the face budget is a promise: a topology-preserving pass first, then a freer one if it stalled
+    for keep_topology in (True, True, False):
+        if ms.current_mesh().face_number() <= s.target_faces:
+            break
         ms.meshing_decimation_quadric_edge_collapse(targetfacenum=int(s.target_faces), preservenormal=True,
-                                                     preservetopology=True, optimalplacement=True, planarquadric=True,
-                                                     qualitythr=0.3, autoclean=True)
+                                                     preservetopology=keep_topology, optimalplacement=True,
+                                                     planarquadric=True, qualitythr=0.3, autoclean=True)
+    ms.meshing_repair_non_manifold_edges()
+    ms.meshing_repair_non_manifold_vertices()
     ms.meshing_remove_unreferenced_vertices()
-    ms.meshing_re_orient_faces_coherently()
+    try:
+        ms.meshing_re_orient_faces_coherently()
+    except pymeshlab.PyMeshLabException:
+        pass  # still non-manifold somewhere: keep the marching-cubes orientation (outward already)
     m = ms.current_mesh()
     v = m.vertex_matrix().astype(np.float64)
     f = m.face_matrix().astype(np.int64)
@@ -60,3 +110,7 @@ def clean_mesh(vertices: np.ndarray, faces: np.ndarray, settings: CleanSettings 
     from .textured import vertex_normals
 
     return v, f, vertex_normals(v, f)
+
+
+if __name__ == "__main__":
+    _subprocess_main()

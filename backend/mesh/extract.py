@@ -112,7 +112,7 @@ def marching_cubes(grid: Grid, level: float, fill: bool = True) -> tuple[np.ndar
 
 
 @torch.no_grad()
-def free_space(grid: Grid, g: Gaussians, cameras: list, margin_voxels: float = 1.0,
+def free_space(grid: Grid, g: Gaussians, cameras: list, margin_voxels: float = 0.5,
                alpha_threshold: float = 0.5) -> np.ndarray:
     """Voxels the Gaussians' renders show to be empty: in some view they project
     where the render is transparent, or in front of the rendered depth by more
@@ -144,3 +144,55 @@ def solid_surface(grid: Grid, free: np.ndarray, level: float) -> tuple[np.ndarra
     hidden inner sheets of the Gaussian shell disappear, the visible surface stays."""
     vals = np.where(free, grid.values, np.maximum(grid.values, 2.0 * level))
     return marching_cubes(Grid(vals, grid.origin, grid.voxel), level, fill=True)
+
+
+def silhouette_iou(vertices: np.ndarray, faces: np.ndarray, views) -> float:
+    """Mean IoU between the mesh's silhouettes and the views' alpha masks (> 0.5)."""
+    from .raster import rasterize_mesh
+
+    v = torch.as_tensor(vertices, dtype=torch.float32)
+    f = torch.as_tensor(faces)
+    ious = []
+    for i in range(len(views)):
+        m = rasterize_mesh(v, f, views.c2w[i], views.intrinsics[i]).mask.numpy()
+        t = views.images[i][..., 3] > 0.5
+        union = (m | t).sum()
+        ious.append(1.0 if union == 0 else (m & t).sum() / union)
+    return float(np.mean(ious))
+
+
+# iso levels tried, as fractions of the density at the Gaussians' centres
+LEVEL_FRACTIONS = (0.03, 0.06, 0.1, 0.15, 0.25, 0.4, 0.6)
+
+
+def centre_density(grid: Grid, g: Gaussians, min_opacity: float = 0.3) -> float:
+    """Median density at the voxels holding the centres of fairly opaque Gaussians."""
+    with torch.no_grad():
+        m = g.means[g.opacities > min_opacity].detach().cpu().numpy()
+    if len(m) == 0:
+        return float(grid.values.max())
+    idx = np.round((m - grid.origin) / grid.voxel).astype(np.int64)
+    idx = np.clip(idx, 0, np.array(grid.values.shape) - 1)
+    return float(np.median(grid.values[idx[:, 0], idx[:, 1], idx[:, 2]]))
+
+
+def calibrated_surface(grid: Grid, free: np.ndarray, views, reference: float | None = None,
+                       fractions=LEVEL_FRACTIONS) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """The density's scale depends on how densely the Gaussians overlap, so no fixed
+    iso level fits every object: try levels at ``fractions`` of the ``reference``
+    density (the density at the Gaussians' centres) and keep the surface whose
+    silhouettes agree best with the views' masks. Returns (vertices, faces, level, IoU)."""
+    ref = reference if reference is not None else float(np.percentile(grid.values, 99.9))
+    best = None
+    for frac in fractions:
+        level = frac * ref
+        try:
+            v, f = solid_surface(grid, free, level)
+        except ValueError:
+            continue  # the density never reaches this level
+        score = silhouette_iou(v, f, views)
+        if best is None or score > best[3]:
+            best = (v, f, level, score)
+    if best is None:
+        raise ValueError("no iso-surface found in the Gaussians' density")
+    return best

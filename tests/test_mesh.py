@@ -1,0 +1,305 @@
+"""Mesh stages: rasterizer, texture lookup, GLB I/O, UVs, baking, clean-up, extraction."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from backend import cameras as cam
+from backend.dataset import load_transforms
+from backend.gaussians.model import Gaussians
+from backend.jobs import InputError
+from backend.mesh.bake import BakeSettings, BakeView, bake_texture
+from backend.mesh.clean import CleanSettings, clean_mesh
+from backend.mesh.extract import calibrated_surface, centre_density, density_grid, free_space, marching_cubes, solid_surface
+from backend.mesh.gltf import read_glb, write_glb
+from backend.mesh.raster import rasterize_mesh, rasterize_uv, sample_texture
+from backend.mesh.textured import TexturedMesh, render_mesh_rgba, vertex_normals
+from backend.mesh.uv import unwrap
+from backend.metrics import chamfer_fscore, psnr_union
+
+
+def quad(z=0.0, size=1.0):
+    v = np.array([[-size, -size, z], [size, -size, z], [size, size, z], [-size, size, z]], np.float64)
+    f = np.array([[0, 1, 2], [0, 2, 3]])
+    uv = np.array([[0, 0], [1, 0], [1, 1], [0, 1]], np.float32)
+    return v, f, uv
+
+
+def icosphere(subdiv=3, radius=0.5, center=(0, 0, 0)):
+    import trimesh
+
+    m = trimesh.creation.icosphere(subdivisions=subdiv, radius=radius)
+    return np.asarray(m.vertices) + np.asarray(center), np.asarray(m.faces, np.int64)
+
+
+def unpack_gt(path):
+    gt = np.load(path)
+    v = gt["vertices"][gt["faces"]].reshape(-1, 3)
+    f = np.arange(len(v)).reshape(-1, 3)
+    return TexturedMesh(v, f, gt["uv"].reshape(-1, 2), gt["texture"].astype(np.float32) / 255.0)
+
+
+# -- rasterizer ---------------------------------------------------------------
+
+
+def test_rasterizer_quad_coverage_depth_and_perspective_correct_barycentrics():
+    v, f, _ = quad(size=0.5)
+    c2w = cam.look_at_c2w([0.3, -0.4, 2.0], [0, 0, 0], up=(0, 1, 0))
+    k = cam.Intrinsics.from_fov(math.radians(50), 40, 30)
+    r = rasterize_mesh(torch.tensor(v, dtype=torch.float32), torch.tensor(f), c2w, k)
+    # coverage: pixel centres inside the projected quad
+    poly, _ = cam.project(v, c2w, k)  # the quad's corners, in order
+    ys, xs = np.mgrid[0:30, 0:40] + 0.5
+    sides = np.stack([(b[0] - a[0]) * (ys - a[1]) - (b[1] - a[1]) * (xs - a[0])
+                      for a, b in zip(poly, np.roll(poly, -1, 0))])
+    inside = (sides >= 0).all(0) | (sides <= 0).all(0)
+    mask = r.mask.numpy()
+    assert (mask != inside).sum() <= 2  # only pixels exactly on an edge may differ
+    # interpolated world positions lie on the plane and on each pixel's ray
+    from backend.mesh.raster import interpolate
+
+    pos = interpolate(r, torch.tensor(v, dtype=torch.float32), torch.tensor(f)).numpy()[mask]
+    assert np.abs(pos[:, 2]).max() < 1e-5
+    proj, z = cam.project(pos, c2w, k)
+    np.testing.assert_allclose(proj, np.stack([xs[mask], ys[mask]], -1), atol=2e-3)
+    np.testing.assert_allclose(z, r.depth.numpy()[mask], rtol=1e-4)
+
+
+def test_uv_raster_and_texture_orientation():
+    v, f, uv = quad()
+    r = rasterize_uv(torch.tensor(uv), torch.tensor(f), 16)
+    assert bool(r.mask.all())
+    tex = torch.zeros(8, 8, 3)
+    tex[:4, :, 0] = 1.0  # top half red
+    tex[4:, :, 2] = 1.0  # bottom half blue
+    top = sample_texture(tex, torch.tensor([[0.5, 0.9]]))[0]
+    bottom = sample_texture(tex, torch.tensor([[0.5, 0.1]]))[0]
+    assert top[0] == 1.0 and top[2] == 0.0  # v up: v = 0.9 is near the top row
+    assert bottom[2] == 1.0 and bottom[0] == 0.0
+
+
+def test_texture_gradient_reaches_texels():
+    from backend.mesh.textured import render_textured
+
+    v, f, uv = quad(size=0.4)
+    tex = torch.rand(8, 8, 3, requires_grad=True)
+    c2w = cam.look_at_c2w([0, 0, 2], [0, 0, 0], up=(0, 1, 0))
+    img = render_textured(torch.tensor(v, dtype=torch.float32), torch.tensor(f), torch.tensor(uv), tex, c2w,
+                          cam.Intrinsics.from_fov(math.radians(40), 32, 32), supersample=2)
+    img[..., :3].sum().backward()
+    assert (tex.grad.abs().sum(-1) > 0).float().mean() > 0.9
+
+
+@pytest.fixture(scope="module")
+def cube(gt_data):
+    return gt_data("cube", train=8, test=3, res=64)
+
+
+def test_own_renderer_reproduces_blender(cube):
+    """Our textured-mesh renderer against Cycles on the same mesh and texture."""
+    mesh = unpack_gt(cube / "gt_mesh.npz")
+    test = load_transforms(cube / "transforms_test.json")
+    ps = [psnr_union(render_mesh_rgba(mesh, test.c2w[i], test.intrinsics[i], 4), test.images[i]) for i in range(len(test))]
+    assert min(ps) > 25.0, ps
+
+
+# -- GLB ------------------------------------------------------------------------
+
+
+def test_glb_round_trip_is_exact():
+    v, f = icosphere(2, 0.7, (0.2, -0.3, 0.5))
+    vm, uf, uv = unwrap(v, f, 128)
+    tex = np.random.default_rng(0).random((32, 32, 3)).astype(np.float32)
+    m = TexturedMesh(v[vm], uf, uv, tex, vertex_normals(v[vm], uf), name="ball")
+    prims = read_glb(write_glb(m))
+    assert len(prims) == 1
+    p = prims[0]
+    assert p.name == "ball"
+    np.testing.assert_array_equal(p.indices, uf)
+    np.testing.assert_allclose(p.world_vertices(), m.vertices.astype(np.float32), atol=1e-7)
+    np.testing.assert_allclose(p.uv, uv, atol=1e-7)
+    np.testing.assert_allclose(p.texture, np.round(tex * 255) / 255, atol=1e-6)
+    # stored Y up: the glTF POSITION of a point high in Z has a large Y
+    top = int(np.argmax(v[vm][:, 2]))
+    assert p.positions[top, 1] == pytest.approx(v[vm][top, 2], abs=1e-6)
+
+
+def test_blender_imports_our_glb_in_place_and_textured(cube, tmp_path):
+    from evaluation.blender_check import check_glb
+
+    mesh = unpack_gt(cube / "gt_mesh.npz")
+    (tmp_path / "m.glb").write_bytes(write_glb(mesh))
+    rep = check_glb(tmp_path / "m.glb", tmp_path / "r.json", cube / "transforms_test.json", tmp_path / "render", resolution=64)
+    np.testing.assert_allclose(rep["bbox_min"], mesh.vertices.min(0), atol=1e-5)
+    np.testing.assert_allclose(rep["bbox_max"], mesh.vertices.max(0), atol=1e-5)
+    mat = rep["objects"][0]["materials"][0]
+    assert mat["base_color_linked_image"] and rep["objects"][0]["has_uv"]
+    test = load_transforms(cube / "transforms_test.json")
+    from PIL import Image
+
+    frames = json.loads((cube / "transforms_test.json").read_text())["frames"]
+    for i, fr in enumerate(frames):
+        img = np.asarray(Image.open(tmp_path / "render" / (fr["file_path"] + ".png")).convert("RGBA"), np.float32) / 255
+        assert psnr_union(img, test.images[i]) > 35.0  # same mesh, same texture, same renderer: near identical
+
+
+def test_read_blender_exported_glb(cube):
+    prims = read_glb((cube / "gt.glb").read_bytes())
+    gt = np.load(cube / "gt_mesh.npz")
+    v = np.concatenate([p.world_vertices() for p in prims])
+    np.testing.assert_allclose(v.min(0), gt["vertices"].min(0), atol=1e-5)
+    np.testing.assert_allclose(v.max(0), gt["vertices"].max(0), atol=1e-5)
+    assert all(p.texture is not None and p.uv is not None for p in prims)
+
+
+def _glb_with(json_obj: dict, binary: bytes = b"") -> bytes:
+    js = json.dumps(json_obj).encode()
+    js += b" " * ((4 - len(js) % 4) % 4)
+    binary += b"\0" * ((4 - len(binary) % 4) % 4)
+    body = struct.pack("<II", len(js), 0x4E4F534A) + js + (struct.pack("<II", len(binary), 0x004E4942) + binary if binary else b"")
+    return struct.pack("<4sII", b"glTF", 2, 12 + len(body)) + body
+
+
+@pytest.mark.parametrize("data, msg", [
+    (b"not a glb at all", "not a GLB"),
+    (struct.pack("<4sII", b"glTF", 1, 20) + b"\0" * 8, "version 1"),
+    (struct.pack("<4sII", b"glTF", 2, 9999) + b"\0" * 8, "truncated"),
+    (_glb_with({"asset": {"version": "2.0"}, "extensionsRequired": ["KHR_draco_mesh_compression"]}), "without mesh compression"),
+    (_glb_with({"asset": {"version": "2.0"}, "nodes": [], "scenes": [{"nodes": []}]}), "no triangle mesh"),
+    (_glb_with({"asset": {"version": "2.0"}, "scenes": [{"nodes": [0]}], "nodes": [{"mesh": 0}],
+                "meshes": [{"primitives": [{"attributes": {"POSITION": 0}, "indices": 1}]}],
+                "accessors": [{"bufferView": 0, "componentType": 5126, "count": 3, "type": "VEC3"},
+                              {"bufferView": 1, "componentType": 5125, "count": 3, "type": "SCALAR"}],
+                "bufferViews": [{"buffer": 0, "byteLength": 36}, {"buffer": 0, "byteOffset": 36, "byteLength": 12}],
+                "buffers": [{"byteLength": 48}]},
+               np.zeros(9, np.float32).tobytes() + np.array([0, 1, 7], np.uint32).tobytes()), "out of range"),
+    (_glb_with({"asset": {"version": "2.0"}, "scenes": [{"nodes": [0]}], "nodes": [{"mesh": 0}],
+                "meshes": [{"primitives": [{"attributes": {"POSITION": 0}}]}],
+                "accessors": [{"bufferView": 0, "componentType": 5126, "count": 3, "type": "VEC3"}],
+                "bufferViews": [{"buffer": 0, "byteLength": 36}], "buffers": [{"byteLength": 36}]},
+               np.array([0, 0, 0, 1, 0, 0, np.nan, 1, 0], np.float32).tobytes()), "NaN"),
+])
+def test_broken_glb_is_a_clear_error(data, msg):
+    with pytest.raises(InputError, match=msg):
+        read_glb(data)
+
+
+# -- UVs, baking, clean-up, extraction ------------------------------------------
+
+
+def test_unwrap():
+    v, f = icosphere(3)
+    vm, uf, uv = unwrap(v, f, 256)
+    assert uf.shape == f.shape and len(vm) == len(uv) >= len(v)
+    assert uv.min() >= 0 and uv.max() <= 1
+    # every face keeps its corners
+    np.testing.assert_allclose(np.sort(v[vm][uf].reshape(-1, 3), 0), np.sort(v[f].reshape(-1, 3), 0))
+
+
+def test_bake_from_blender_views_reproduces_the_texture(cube):
+    """Baking the true views onto the true geometry with new UVs gives back the look."""
+    mesh = unpack_gt(cube / "gt_mesh.npz")
+    gt = np.load(cube / "gt_mesh.npz")
+    v, f = gt["vertices"], gt["faces"]
+    train = load_transforms(cube / "transforms_train.json")
+    test = load_transforms(cube / "transforms_test.json")
+    vm, uf, uv = unwrap(v, f, 256)
+    n = vertex_normals(v[vm], uf)
+    views = [BakeView(train.c2w[i], train.intrinsics[i], train.images[i]) for i in range(len(train))]
+    tex, covered = bake_texture(v[vm], uf, uv, n, views, BakeSettings(texture_size=256))
+    assert covered.mean() > 0.3
+    baked = TexturedMesh(v[vm], uf, uv, tex)
+    flat = TexturedMesh(v[vm], uf, uv, np.broadcast_to(mesh.texture.reshape(-1, 3).mean(0), tex.shape).copy())
+    ps = [psnr_union(render_mesh_rgba(baked, test.c2w[i], test.intrinsics[i], 4), test.images[i]) for i in range(len(test))]
+    pf = [psnr_union(render_mesh_rgba(flat, test.c2w[i], test.intrinsics[i], 4), test.images[i]) for i in range(len(test))]
+    assert np.mean(ps) > 21.0 and np.mean(ps) > np.mean(pf) + 4.0, (ps, pf)
+
+
+def test_clean_removes_floaters_closes_holes_and_meets_the_budget():
+    v, f = icosphere(4, 0.5)
+    f = f[~(v[f][:, :, 2].min(1) > 0.48)]  # cut a small hole at the top
+    fv, ff = icosphere(1, 0.02, (2.0, 0, 0))  # a floater far away
+    v2 = np.concatenate([v, fv])
+    f2 = np.concatenate([f, ff + len(v)])
+    out_v, out_f, out_n = clean_mesh(v2, f2, CleanSettings(target_faces=1500))
+    assert len(out_f) <= 1500
+    assert out_v[:, 0].max() < 0.6  # floater gone
+    import trimesh
+
+    m = trimesh.Trimesh(out_v, out_f, process=False)
+    assert m.is_watertight  # hole closed
+    assert m.volume > 0  # outward
+    # normals point away from the centre
+    assert (np.einsum("ij,ij->i", out_n, out_v) > 0).mean() > 0.99
+
+
+def _sphere_gaussians(n=3000, radius=0.5, seed=0):
+    """Flat Gaussians tangent to a sphere (as training leaves them on a surface),
+    plus a hidden inner sheet that must not become surface."""
+    rng = np.random.default_rng(seed)
+    d = rng.normal(size=(n, 3))
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    d[d[:, 2] < -0.999] = [0, 0, 1]
+    inner = d[: n // 3]
+    pts = np.concatenate([d * radius, inner * radius * 0.6])
+    normals = np.concatenate([d, inner])
+    # quaternion (w, x, y, z) turning +Z onto the normal
+    q = np.stack([1 + normals[:, 2], -normals[:, 1], normals[:, 0], np.zeros(len(normals))], 1)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    g = Gaussians.create(torch.tensor(pts, dtype=torch.float32), torch.full((len(pts), 3), 0.5), 0.03, opacity=0.9)
+    g.params["quats"] = torch.tensor(q, dtype=torch.float32)
+    g.params["scales"] = torch.log(torch.tensor([[0.03, 0.03, 0.004]])).expand(len(pts), 3).clone()
+    return g
+
+
+def test_extraction_keeps_the_outer_surface_only():
+    from backend.dataset import PosedViews
+
+    g = _sphere_gaussians()
+    grid = density_grid(g, 64)
+    rig = [(cam.spherical_to_c2w(el, az, 2.5), cam.Intrinsics.from_fov(math.radians(40), 64, 64))
+           for el in (-40, 0, 40) for az in range(0, 360, 60)]
+    free = free_space(grid, g, rig)
+    v, f = solid_surface(grid, free, 0.3)
+    assert np.linalg.norm(v, axis=1).min() > 0.4  # the inner sheet is gone
+    # without free-space filling, marching cubes also finds the inner sheet
+    v2, _ = marching_cubes(grid, 0.3, fill=False)
+    assert np.linalg.norm(v2, axis=1).min() < 0.4
+    # the iso level is calibrated on the views' silhouettes: here the true sphere's
+    sv, sf = icosphere(4, 0.5)
+    images = []
+    for c2w, k in rig:
+        m = rasterize_mesh(torch.tensor(sv, dtype=torch.float32), torch.tensor(sf), c2w, k).mask.numpy()
+        images.append(np.concatenate([np.ones((64, 64, 3)), m[..., None]], -1).astype(np.float32))
+    views = PosedViews(np.stack(images), np.stack([c for c, _ in rig]), [k for _, k in rig])
+    v, f, level, iou = calibrated_surface(grid, free, views, centre_density(grid, g))
+    assert iou > 0.9  # the surface lies about one voxel (1 % of the diagonal) outside the true one
+    assert chamfer_fscore(v, f, sv, sf, n=20000)["chamfer"] < 0.012
+
+
+def test_clean_on_a_worker_thread_does_not_corrupt_the_heap(tmp_path):
+    """pymeshlab on a non-main thread corrupts glibc's heap (abort at exit); the
+    server's worker thread must therefore get the subprocess path."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "t.py"
+    script.write_text(
+        "import threading, numpy as np, trimesh\n"
+        "from backend.mesh.clean import clean_mesh, CleanSettings\n"
+        "m = trimesh.creation.icosphere(4)\n"
+        "out = {}\n"
+        "t = threading.Thread(target=lambda: out.update(r=clean_mesh(np.asarray(m.vertices), np.asarray(m.faces), CleanSettings(target_faces=500))))\n"
+        "t.start(); t.join()\n"
+        "print(len(out['r'][1]))\n")
+    from conftest import ROOT
+
+    r = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout.strip()) <= 500
