@@ -189,8 +189,10 @@ class Intrinsics:
 
 def project(points, c2w, intr: Intrinsics) -> tuple[np.ndarray, np.ndarray]:
     """World points -> (pixel coordinates [N,2] with centres at +0.5, depth along the view [N])."""
-    vm = c2w_to_viewmat(c2w)
-    p = np.asarray(points, np.float64) @ vm[:3, :3].T + vm[:3, 3]
+    pts = np.asarray(points)
+    dt = pts.dtype if pts.dtype in (np.float32, np.float64) else np.float64  # float32 in, float32 math
+    vm = c2w_to_viewmat(c2w).astype(dt)
+    p = pts.astype(dt, copy=False) @ vm[:3, :3].T + vm[:3, 3]
     z = p[:, 2]
     with np.errstate(divide="ignore", invalid="ignore"):
         uv = np.stack([intr.fx * p[:, 0] / z + intr.cx, intr.fy * p[:, 1] / z + intr.cy], -1)

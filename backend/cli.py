@@ -109,10 +109,28 @@ def add_client_flags(parser: argparse.ArgumentParser, required: bool = False) ->
     g.add_argument("--client-key", default=None, help="this client's key pair (client.key_secret) if the server restricts clients")
 
 
+def add_model_flags(g) -> None:
+    g.add_argument("--preset", default=os.environ.get("GEN3D_PRESET", "tiny"),
+                   help="model preset: tiny, default, stable-zero123 (default %(default)s; env GEN3D_PRESET)")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    g.add_argument("--text-to-image-model", default=None, help="hub id or folder overriding the preset's (env GEN3D_TEXT_TO_IMAGE_MODEL)")
+    g.add_argument("--novel-view-model", default=None, help="hub id or folder overriding the preset's (env GEN3D_NOVEL_VIEW_MODEL)")
+    g.add_argument("--novel-view-kind", default=None, choices=("zero123", "stable_zero123"),
+                   help="camera vector of the novel-view model (env GEN3D_NOVEL_VIEW_KIND)")
+    g.add_argument("--low-vram", action="store_true",
+                   help="for small GPUs: attention and VAE slicing, idle models offloaded to the CPU")
+
+
+def models_from_args(args, device: str):
+    from .service import make_models
+
+    return make_models(args.preset, device, args.low_vram, args.text_to_image_model, args.novel_view_model,
+                       args.novel_view_kind)
+
+
 def add_local_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("in-process run")
-    g.add_argument("--preset", default=os.environ.get("GEN3D_PRESET", "tiny"), help="model preset (default %(default)s)")
-    g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    add_model_flags(g)
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
@@ -150,7 +168,7 @@ def _run_local(args, kind, params, attachments, printer) -> tuple[dict, dict[str
     from . import device as dev
     from .jobs import JobContext, Limits
     from .progress import Progress
-    from .service import build_registry, make_models
+    from .service import build_registry
 
     registry = build_registry()
     spec = registry.get(kind)
@@ -158,7 +176,7 @@ def _run_local(args, kind, params, attachments, printer) -> tuple[dict, dict[str
     limits = Limits()
     inputs = spec.validate(params, attachments, limits)
     device = dev.pick_device(args.device)
-    models = make_models(getattr(args, "preset", "tiny"), device)
+    models = models_from_args(args, device)
     ctx = JobContext(Progress(printer), device, models, None, limits)
     t0 = time.perf_counter()
     out = spec.handler(inputs, ctx)
@@ -213,7 +231,7 @@ def write_outputs(files: dict[str, bytes], mapping: dict[str, str | None]) -> li
 def cmd_serve(args) -> int:
     from .jobs import Limits
     from .server import ConfigError, Server, ServerConfig, default_jobs_dir
-    from .service import build_registry, make_models
+    from .service import build_registry
     from . import device as dev
 
     config = ServerConfig(
@@ -235,7 +253,12 @@ def cmd_serve(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     device = dev.pick_device(args.device)
-    server = Server(config, build_registry(), make_models(args.preset, device),
+    try:
+        models = models_from_args(args, device)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    server = Server(config, build_registry(), models,
                     announce=lambda ep: print(f"gen3d backend listening on {ep}", flush=True))
 
     def _stop(signum, frame):  # noqa: ARG001
@@ -339,6 +362,22 @@ def cmd_keys(args) -> int:
     return EXIT_OK
 
 
+def cmd_prefetch(args) -> int:
+    from .jobs import ModelMissing
+    from .models.presets import resolve
+    from .models.store import prefetch, quiet_loading
+
+    quiet_loading()
+    preset = resolve(args.preset, args.text_to_image_model, args.novel_view_model, args.novel_view_kind)
+    try:
+        paths = prefetch(preset, progress=lambda m: print(m, flush=True))
+    except ModelMissing as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    print(f"preset {preset.name}: {len(paths)} model(s) ready")
+    return EXIT_OK
+
+
 def cmd_diagnose(args) -> int:
     from . import diagnose
 
@@ -375,8 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the ZeroMQ backend service")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s; others need --keys)")
     p.add_argument("--port", type=int, default=5555, help="TCP port (default %(default)s; 0 picks a free one)")
-    p.add_argument("--preset", default=os.environ.get("GEN3D_PRESET", "tiny"), help="model preset (default %(default)s)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    add_model_flags(p)
     p.add_argument("--jobs-dir", default=None, help="where job results are kept (default ~/.cache/gen3d/jobs; env GEN3D_HOME)")
     p.add_argument("--max-queue", type=int, default=64, help="jobs that may wait (default %(default)s)")
     p.add_argument("--max-message-mb", type=float, default=256.0, help="largest accepted message in MiB (default %(default)s)")
@@ -406,6 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job")
     add_client_flags(p, required=True)
     p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("prefetch", help="download (or build) the models a preset needs")
+    add_model_flags(p)
+    p.set_defaults(func=cmd_prefetch)
 
     p = sub.add_parser("keys", help="CurveZMQ keys for a backend reachable from other machines")
     ks = p.add_subparsers(dest="keys_verb", required=True)

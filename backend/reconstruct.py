@@ -15,6 +15,7 @@ from gen3d_wire.protocol import Attachment
 
 from . import cameras as cam
 from .dataset import PosedViews, views_from_meta
+from .gaussians.init import inside_hull
 from .gaussians.model import Gaussians, save_ply
 from .gaussians.train import TrainSettings, train_gaussians
 from .jobs import AttachmentSpec, InputError, JobContext, JobInputs, JobOutput, JobSpec, Param
@@ -32,6 +33,7 @@ class MeshSettings:
     grid_resolution: int = 128
     level: float = 0.0  # iso level of the density (0: calibrated on the views' silhouettes)
     carve_views: int = 26  # extra views around the object used to find free space
+    hull_consistency: float = 0.9  # a voxel outside the masks of more than 10 % of the views is empty
     clean: CleanSettings = field(default_factory=CleanSettings)
 
 
@@ -83,6 +85,13 @@ def gaussians_to_mesh(g: Gaussians, views: PosedViews, settings: MeshSettings, p
     if settings.carve_views:
         rig += sphere_cameras(center, dist, fov, res)[: settings.carve_views]
     free = free_space(grid, g, rig)
+    # the surface cannot leave the views' visual hull: floaters outside it are not object
+    dims = grid.values.shape
+    ii, jj, kk = np.meshgrid(*[np.arange(d) for d in dims], indexing="ij")
+    hull = inside_hull(grid.world(np.stack([ii, jj, kk], -1).reshape(-1, 3)).astype(np.float32), views,
+                       settings.hull_consistency, dilate=2).reshape(dims)
+    grid.values[~hull] = 0.0
+    free |= ~hull
     progress.update(0.5, "free space")
     if settings.level > 0:
         v, f = solid_surface(grid, free, settings.level)

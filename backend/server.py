@@ -342,6 +342,7 @@ class Server:
             "job_kinds": self.registry.describe(),
             "presets": _preset_names(),
             "preset": self.config.preset,
+            "models": self.models.describe() if hasattr(self.models, "describe") else None,
             "device": dev.device_info(self.device),
             "versions": dev.versions(),
             "limits": {
@@ -641,9 +642,6 @@ def _package_version() -> str:
 
 
 def _preset_names() -> list[str]:
-    try:
-        from .models.presets import PRESETS
+    from .models.presets import PRESETS
 
-        return list(PRESETS)
-    except ImportError:
-        return ["tiny", "default"]
+    return list(PRESETS)

@@ -10,19 +10,24 @@ from .jobs import Registry
 
 def build_registry() -> Registry:
     """Every job kind whose pipeline exists. A kind not implemented is not listed."""
-    from . import diagnose, reconstruct
+    from . import diagnose, generate, reconstruct
 
-    specs = [diagnose.SPEC, reconstruct.SPEC]
+    specs = [diagnose.SPEC, reconstruct.SPEC, generate.TEXT_SPEC, generate.IMAGE_SPEC]
     return Registry(specs)
 
 
-def make_models(preset: str, device: str) -> Any:
-    """The model store handed to jobs (loads lazily). None while no job kind needs models."""
-    return None
+def make_models(preset: str, device: str, low_vram: bool = False, text_to_image: str | None = None,
+                novel_view: str | None = None, novel_view_kind: str | None = None) -> Any:
+    """The model store handed to jobs; it loads each model on first use."""
+    from .models.store import ModelStore
+
+    return ModelStore(preset, device, low_vram, text_to_image=text_to_image, novel_view=novel_view,
+                      novel_view_kind=novel_view_kind)
 
 
 def register_cli_verbs() -> None:
     """Register the job verbs that pipeline modules contribute to the CLI."""
-    from . import cli, reconstruct
+    from . import cli, generate, reconstruct
 
     cli.job_verb("reconstruct", "posed views (transforms.json) -> textured mesh GLB")(reconstruct.CLI)
+    cli.job_verb("generate", "a prompt (--prompt) or a reference image (--image) -> textured mesh GLB")(generate.CLI)

@@ -17,6 +17,20 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Tests keep their caches (tiny model replicas, default jobs folder) out of the user's home.
+_OWN_HOME = "GEN3D_TEST_HOME" not in os.environ
+if _OWN_HOME:
+    import tempfile
+
+    os.environ["GEN3D_TEST_HOME"] = tempfile.mkdtemp(prefix="gen3d-tests-")
+os.environ["GEN3D_HOME"] = os.environ["GEN3D_TEST_HOME"]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_HOME:
+        import shutil
+
+        shutil.rmtree(os.environ["GEN3D_TEST_HOME"], ignore_errors=True)
 
 
 class ServerProcess:

@@ -64,30 +64,36 @@ def estimate_bounds(views: PosedViews, alpha_threshold: float = 0.5) -> Bounds:
     return Bounds(center, float(radius) * 1.1)
 
 
-def carve(views: PosedViews, bounds: Bounds, resolution: int = 64, consistency: float = 0.9,
-          alpha_threshold: float = 0.5, dilate: int = 1) -> np.ndarray:
-    """Visual hull on a ``resolution``^3 grid: a voxel is kept when it projects into
-    the (slightly dilated) mask in at least ``consistency`` of the views that see it."""
+def inside_hull(points: np.ndarray, views: PosedViews, consistency: float = 0.9, alpha_threshold: float = 0.5,
+                dilate: int = 1) -> np.ndarray:
+    """Visual-hull test of world points: inside when they project into the
+    (slightly dilated) mask in at least ``consistency`` of the views that see them."""
     from scipy.ndimage import binary_dilation
 
-    lin = np.linspace(-1, 1, resolution) * bounds.radius * (1 - 1 / resolution)
-    gx, gy, gz = np.meshgrid(lin, lin, lin, indexing="ij")
-    pts = np.stack([gx, gy, gz], -1).reshape(-1, 3) + bounds.center
-    inside = np.zeros(len(pts), np.int32)
-    seen = np.zeros(len(pts), np.int32)
+    inside = np.zeros(len(points), np.int32)
+    seen = np.zeros(len(points), np.int32)
     for img, M, k in zip(views.images, views.c2w, views.intrinsics):
         mask = img[..., 3] > alpha_threshold
         if dilate:
             mask = binary_dilation(mask, iterations=dilate)
-        uv, z = cam.project(pts, M, k)
+        uv, z = cam.project(points, M, k)
         x = np.floor(uv[:, 0]).astype(np.int64)
         y = np.floor(uv[:, 1]).astype(np.int64)
         ok = (z > 0) & (x >= 0) & (x < k.width) & (y >= 0) & (y < k.height)
         seen += ok
-        hit = np.zeros(len(pts), bool)
+        hit = np.zeros(len(points), bool)
         hit[ok] = mask[y[ok], x[ok]]
         inside += hit
-    occ = (seen > 0) & (inside >= np.ceil(consistency * seen))
+    return (seen > 0) & (inside >= np.ceil(consistency * seen))
+
+
+def carve(views: PosedViews, bounds: Bounds, resolution: int = 64, consistency: float = 0.9,
+          alpha_threshold: float = 0.5, dilate: int = 1) -> np.ndarray:
+    """Visual hull on a ``resolution``^3 grid over ``bounds`` (see :func:`inside_hull`)."""
+    lin = np.linspace(-1, 1, resolution) * bounds.radius * (1 - 1 / resolution)
+    gx, gy, gz = np.meshgrid(lin, lin, lin, indexing="ij")
+    pts = np.stack([gx, gy, gz], -1).reshape(-1, 3) + bounds.center
+    occ = inside_hull(pts, views, consistency, alpha_threshold, dilate)
     return occ.reshape(resolution, resolution, resolution)
 
 

@@ -22,7 +22,8 @@ import numpy as np
 @dataclass
 class CleanSettings:
     target_faces: int = 20000
-    min_component_fraction: float = 0.05  # drop parts smaller than this fraction of the bounding diagonal
+    min_component_fraction: float = 0.05  # drop parts with fewer faces than this fraction of the largest part's...
+    min_component_size: float = 0.6  # ...unless they are this big (fraction of the largest part's diagonal)
     max_hole_edges: int = 60  # close holes with at most this many boundary edges
     smoothing_steps: int = 3  # Taubin steps (volume preserving)
     remesh_iterations: int = 0  # isotropic remeshing passes before decimation (0: none)
@@ -60,8 +61,38 @@ def _subprocess_main() -> None:
     sys.stdout.buffer.write(buf.getvalue())
 
 
+def main_components(vertices: np.ndarray, faces: np.ndarray, min_fraction: float, min_size: float) -> np.ndarray:
+    """Faces of the parts that matter: floaters are small next to the largest part.
+    (Measured against the largest part, not the whole bounding box, which the
+    floaters themselves inflate.) Returns a face mask."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(vertices)
+    f = np.asarray(faces, np.int64)
+    rows = np.concatenate([f[:, 0], f[:, 1], f[:, 2]])
+    cols = np.concatenate([f[:, 1], f[:, 2], f[:, 0]])
+    _, label = connected_components(coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n)), directed=False)
+    face_label = label[f[:, 0]]
+    counts = np.bincount(face_label)
+    big = int(np.argmax(counts))
+    v = np.asarray(vertices, np.float64)
+    # per-part bounding boxes in one pass
+    lo = np.full((len(counts), 3), np.inf)
+    hi = np.full((len(counts), 3), -np.inf)
+    used = np.unique(f.reshape(-1))
+    np.minimum.at(lo, label[used], v[used])
+    np.maximum.at(hi, label[used], v[used])
+    diag = np.linalg.norm(np.where(np.isfinite(hi - lo), hi - lo, 0.0), axis=1)
+    keep = (counts >= min_fraction * counts[big]) | (diag >= min_size * diag[big])
+    return keep[face_label]
+
+
 def _clean(vertices: np.ndarray, faces: np.ndarray, s: CleanSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     import pymeshlab
+
+    if s.min_component_fraction > 0 and len(faces):
+        faces = np.asarray(faces)[main_components(vertices, faces, s.min_component_fraction, s.min_component_size)]
 
     ms = pymeshlab.MeshSet()
     ms.add_mesh(pymeshlab.Mesh(vertex_matrix=np.asarray(vertices, np.float64), face_matrix=np.asarray(faces, np.int32)))
@@ -69,9 +100,7 @@ def _clean(vertices: np.ndarray, faces: np.ndarray, s: CleanSettings) -> tuple[n
     ms.meshing_remove_duplicate_faces()
     ms.meshing_remove_null_faces()
     ms.meshing_remove_unreferenced_vertices()
-    if s.min_component_fraction > 0:
-        ms.meshing_remove_connected_component_by_diameter(
-            mincomponentdiag=pymeshlab.PercentageValue(100.0 * s.min_component_fraction))
+    ms.meshing_remove_unreferenced_vertices()
     ms.meshing_repair_non_manifold_edges()
     ms.meshing_repair_non_manifold_vertices()
     if s.max_hole_edges > 0:
@@ -100,6 +129,13 @@ def _clean(vertices: np.ndarray, faces: np.ndarray, s: CleanSettings) -> tuple[n
     m = ms.current_mesh()
     v = m.vertex_matrix().astype(np.float64)
     f = m.face_matrix().astype(np.int64)
+    if s.min_component_fraction > 0 and len(f):
+        # again on the final mesh: thin bridges cut by decimation can leave new islands
+        f = f[main_components(v, f, s.min_component_fraction, s.min_component_size)]
+        used = np.unique(f)
+        remap = np.full(len(v), -1, np.int64)
+        remap[used] = np.arange(len(used))
+        v, f = v[used], remap[f]
     if len(f) == 0:
         raise ValueError("mesh clean-up left no faces")
     # outward orientation: the signed volume of a closed-ish outward mesh is positive

@@ -122,21 +122,24 @@ def free_space(grid: Grid, g: Gaussians, cameras: list, margin_voxels: float = 0
 
     dims = grid.values.shape
     ii, jj, kk = np.meshgrid(*[np.arange(d) for d in dims], indexing="ij")
-    pts = grid.world(np.stack([ii, jj, kk], -1).reshape(-1, 3))
-    free = np.zeros(len(pts), bool)
+    pts = torch.as_tensor(grid.world(np.stack([ii, jj, kk], -1).reshape(-1, 3)), dtype=torch.float32)
+    free = torch.zeros(len(pts), dtype=torch.bool)
     margin = margin_voxels * grid.voxel
     for c2w, k in cameras:
         col, al, _ = g.render(np.asarray(c2w)[None], k, background=None, render_mode="ED")
-        depth = col[0, ..., 0].cpu().numpy()
-        alpha = al[0, ..., 0].cpu().numpy()
-        uv, z = cam.project(pts, c2w, k)
-        x = np.floor(uv[:, 0]).astype(np.int64)
-        y = np.floor(uv[:, 1]).astype(np.int64)
-        ok = np.nonzero((z > 0) & (x >= 0) & (x < k.width) & (y >= 0) & (y < k.height))[0]
+        depth = col[0, ..., 0].cpu()
+        alpha = al[0, ..., 0].cpu()
+        vm = torch.as_tensor(cam.c2w_to_viewmat(np.asarray(c2w, np.float64)), dtype=torch.float32)
+        pc = pts @ vm[:3, :3].T + vm[:3, 3]
+        z = pc[:, 2]
+        zs = torch.where(z > 1e-6, z, torch.ones_like(z))
+        x = torch.floor(k.fx * pc[:, 0] / zs + k.cx).long()
+        y = torch.floor(k.fy * pc[:, 1] / zs + k.cy).long()
+        ok = torch.nonzero((z > 1e-6) & (x >= 0) & (x < k.width) & (y >= 0) & (y < k.height)).squeeze(1)
         a = alpha[y[ok], x[ok]]
         d = depth[y[ok], x[ok]]
         free[ok[(a < alpha_threshold) | (z[ok] < d - margin)]] = True
-    return free.reshape(dims)
+    return free.numpy().reshape(dims)
 
 
 def solid_surface(grid: Grid, free: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
@@ -146,10 +149,15 @@ def solid_surface(grid: Grid, free: np.ndarray, level: float) -> tuple[np.ndarra
     return marching_cubes(Grid(vals, grid.origin, grid.voxel), level, fill=True)
 
 
-def silhouette_iou(vertices: np.ndarray, faces: np.ndarray, views) -> float:
-    """Mean IoU between the mesh's silhouettes and the views' alpha masks (> 0.5)."""
+def silhouette_iou(vertices: np.ndarray, faces: np.ndarray, views, max_views: int = 12, max_size: int = 96) -> float:
+    """Mean IoU between the mesh's silhouettes and the views' alpha masks (> 0.5),
+    over at most ``max_views`` views at most ``max_size`` pixels wide."""
     from .raster import rasterize_mesh
 
+    if max(views.width, views.height) > max_size:
+        views = views.resized(max_size)
+    if len(views) > max_views:
+        views = views.subset(np.linspace(0, len(views) - 1, max_views).round().astype(int))
     v = torch.as_tensor(vertices, dtype=torch.float32)
     f = torch.as_tensor(faces)
     ious = []
@@ -162,7 +170,7 @@ def silhouette_iou(vertices: np.ndarray, faces: np.ndarray, views) -> float:
 
 
 # iso levels tried, as fractions of the density at the Gaussians' centres
-LEVEL_FRACTIONS = (0.03, 0.06, 0.1, 0.15, 0.25, 0.4, 0.6)
+LEVEL_FRACTIONS = (0.03, 0.06, 0.12, 0.25, 0.5)
 
 
 def centre_density(grid: Grid, g: Gaussians, min_opacity: float = 0.3) -> float:

@@ -1,0 +1,155 @@
+"""Loading the preset's models, lazily, once per process; and fetching them.
+
+``ModelStore`` is what jobs receive (``JobContext.models``). It resolves a model
+name to a local folder (tiny replicas are built; hub ids come from the local
+Hugging Face cache, downloaded when the network allows), loads with
+diffusers/transformers ``from_pretrained``, fp16 on CUDA and fp32 on CPU, and
+applies the memory options for small GPUs behind one flag (``low_vram``:
+attention slicing, VAE slicing, CPU offload of idle models).
+
+A model that is neither on disk nor downloadable is a :class:`ModelMissing`
+error naming the model and the command that fetches it, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from ..jobs import ModelMissing
+from .presets import TINY_PREFIX, Preset, resolve
+
+# only what diffusers/transformers load: skips the multi-GB single-file checkpoints some repos carry
+ALLOW_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors", "*/*.model"]
+FP16_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.fp16.safetensors", "*/*.model"]
+
+
+def quiet_loading() -> None:
+    """No per-file progress bars or deprecation chatter from the loaders (our own progress is shown)."""
+    import warnings
+
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated.*")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def fetch_command(preset: str) -> str:
+    return f"python -m backend prefetch --preset {preset}"
+
+
+def local_path(name: str, preset: str = "default", download: bool = True) -> Path:
+    """Folder holding model ``name`` (hub id, folder or ``tiny:...``).
+    Downloads when allowed; raises :class:`ModelMissing` otherwise."""
+    if name.startswith(TINY_PREFIX):
+        from .tiny import build_tiny
+
+        return build_tiny(name[len(TINY_PREFIX):])
+    p = Path(name).expanduser()
+    if p.is_dir():
+        if not (p / "model_index.json").is_file():
+            raise ModelMissing(f"{p} is not a diffusers model folder (no model_index.json)")
+        return p
+    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+        raise ModelMissing(f"model folder {name} not found")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=ALLOW_PATTERNS, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (any flavour of hub error): try the network
+        pass
+    if not download or _offline():
+        raise ModelMissing(
+            f"model '{name}' is not on this machine and downloading is {'off (HF_HUB_OFFLINE)' if _offline() else 'disabled'}. "
+            f"Fetch it with: {fetch_command(preset)}  (or point --text-to-image-model/--novel-view-model at a local folder)")
+    try:
+        return Path(snapshot_download(name, allow_patterns=ALLOW_PATTERNS))
+    except Exception as exc:  # noqa: BLE001 - no network, unknown repo, auth...
+        raise ModelMissing(
+            f"model '{name}' is not on this machine and could not be downloaded ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]}). Fetch it with: {fetch_command(preset)} on a machine with network, "
+            "or copy the folder and pass it with --text-to-image-model/--novel-view-model") from None
+
+
+def prefetch(preset: Preset, progress=print) -> dict[str, Path]:
+    """Download (or build) every model of ``preset``; returns their folders."""
+    out = {}
+    for role, name in preset.models().items():
+        progress(f"{role}: {name}")
+        out[role] = local_path(name, preset.name, download=True)
+        progress(f"  -> {out[role]}")
+    return out
+
+
+class ModelStore:
+    """The models of one preset on one device, loaded on first use."""
+
+    def __init__(self, preset: str | Preset = "tiny", device: str = "cpu", low_vram: bool = False, **overrides):
+        self.preset = preset if isinstance(preset, Preset) else resolve(preset, **overrides)
+        self.device = device
+        self.low_vram = low_vram
+        self.dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+        self._lock = threading.Lock()
+        self._sd = None
+        self._zero123 = None
+        quiet_loading()
+
+    def describe(self) -> dict:
+        return {"preset": self.preset.name, **self.preset.models(), "novel_view_kind": self.preset.novel_view_kind,
+                "dtype": str(self.dtype).replace("torch.", ""), "low_vram": self.low_vram}
+
+    def stable_diffusion(self):
+        """A diffusers StableDiffusionPipeline (text-to-image, and the SDS prior)."""
+        with self._lock:
+            if self._sd is None:
+                from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+                path = local_path(self.preset.text_to_image, self.preset.name)
+                try:
+                    pipe = StableDiffusionPipeline.from_pretrained(
+                        path, torch_dtype=self.dtype, safety_checker=None, requires_safety_checker=False)
+                except (OSError, ValueError) as exc:
+                    raise ModelMissing(f"could not load the text-to-image model from {path}: {exc}") from None
+                pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+                pipe.set_progress_bar_config(disable=True)
+                if self.low_vram and str(self.device).startswith("cuda"):
+                    pipe.enable_attention_slicing()
+                    pipe.vae.enable_slicing()
+                    pipe.enable_model_cpu_offload()
+                else:
+                    pipe.to(self.device)
+                self._sd = pipe
+            return self._sd
+
+    def zero123(self):
+        from .zero123 import Zero123, load_parts
+
+        with self._lock:
+            if self._zero123 is None:
+                path = local_path(self.preset.novel_view, self.preset.name)
+                try:
+                    parts = load_parts(str(path), self.preset.novel_view_kind, self.dtype)
+                except (OSError, ValueError) as exc:
+                    raise ModelMissing(f"could not load the novel-view model from {path}: {exc}") from None
+                if self.low_vram and str(self.device).startswith("cuda"):
+                    parts.unet.set_attention_slice("auto")
+                    parts.vae.enable_slicing()
+                self._zero123 = Zero123(parts, self.device)
+            return self._zero123
+
+    def release(self) -> None:
+        """Drop loaded models (frees their memory)."""
+        with self._lock:
+            self._sd = None
+            self._zero123 = None

@@ -1,0 +1,130 @@
+"""Oracles that know the answer, in place of the learned models.
+
+:class:`OracleViews` is a novel-view generator (same contract as the
+Zero-1-to-3 one in ``backend.novel_views``) that renders the true object with
+Blender at the pose Zero-1-to-3 would be asked for. It does not read the
+pose we planned: it receives the *camera vector* the pipeline computes for the
+model (``backend.cameras.zero123_camera_vector``) and turns it into a camera
+with Zero-1-to-3's own training-code parametrisation (polar angle from +Z,
+azimuth ``atan2(y, x)``, target = reference + delta). A sign error in the
+camera vector, or a mismatch between it and the rig the reconstruction
+assumes, therefore produces views of the wrong side, and the reconstruction
+stops matching the truth.
+
+``flip_azimuth`` deliberately breaks the convention (a negative control for
+tests).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from evaluation.groundtruth import run_groundtruth
+
+
+def camera_from_vector(ref_position: np.ndarray, center: np.ndarray, vector: Sequence[float]) -> np.ndarray:
+    """Camera position implied by a Zero-1-to-3 camera vector, in its training parametrisation."""
+    d = np.asarray(ref_position, np.float64) - center
+    r = float(np.linalg.norm(d))
+    theta = math.atan2(math.hypot(d[0], d[1]), d[2])  # polar angle from +Z
+    phi = math.atan2(d[1], d[0])
+    d_polar, s, c, d_r = (float(x) for x in vector)
+    theta_t = theta + d_polar
+    phi_t = phi + math.atan2(s, c)
+    r_t = r + d_r
+    return center + r_t * np.array([math.sin(theta_t) * math.cos(phi_t), math.sin(theta_t) * math.sin(phi_t), math.cos(theta_t)])
+
+
+def look_at(eye, target) -> np.ndarray:
+    fwd = np.asarray(target, np.float64) - eye
+    fwd /= np.linalg.norm(fwd)
+    up = np.array([0.0, 0.0, 1.0])
+    right = np.cross(fwd, up)
+    if np.linalg.norm(right) < 1e-8:
+        right = np.array([1.0, 0.0, 0.0])
+    right /= np.linalg.norm(right)
+    m = np.eye(4)
+    m[:3, 0], m[:3, 1], m[:3, 2], m[:3, 3] = right, np.cross(right, fwd), -fwd, eye
+    return m
+
+
+def load_png(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGBA"), np.float32) / 255.0
+
+
+@dataclass
+class OracleViews:
+    """Blender renders of ``obj`` (centred at ``center``) for the requested relative poses."""
+
+    obj: str
+    center: np.ndarray
+    radius: float  # camera distance of the reference view
+    fov_deg: float = 49.1
+    size: int = 256
+    offset: tuple = (0.0, 0.0, 0.0)
+    flip_azimuth: bool = False
+    kind: str = "zero123"
+
+    def reference_c2w(self, elevation: float) -> np.ndarray:
+        el = math.radians(elevation)
+        eye = self.center + self.radius * np.array([0.0, -math.cos(el), math.sin(el)])  # azimuth 0: on -Y
+        return look_at(eye, self.center)
+
+    def render(self, c2ws: list[np.ndarray]) -> np.ndarray:
+        meta = {"camera_angle_x": math.radians(self.fov_deg),
+                "frames": [{"file_path": f"v{i:03d}", "transform_matrix": m.tolist()} for i, m in enumerate(c2ws)]}
+        with tempfile.TemporaryDirectory() as tmp:
+            cams = Path(tmp) / "cams.json"
+            cams.write_text(json.dumps(meta))
+            run_groundtruth(["--object", self.obj, "--cameras", str(cams), "--out", tmp, "--resolution", str(self.size),
+                             "--offset", *[str(x) for x in self.offset]])
+            return np.stack([load_png(Path(tmp) / f"v{i:03d}.png") for i in range(len(c2ws))])
+
+    def reference(self, elevation: float = 0.0) -> np.ndarray:
+        return self.render([self.reference_c2w(elevation)])[0]
+
+    def __call__(self, reference: np.ndarray, reference_elevation: float, poses, progress=None) -> np.ndarray:
+        from backend import cameras as cam
+
+        ref = self.reference_c2w(reference_elevation)
+        c2ws = []
+        for d_el, d_az, d_r in poses:
+            if self.kind == "stable_zero123":
+                v = cam.stable_zero123_camera_vector(reference_elevation, 0.0, reference_elevation + d_el, d_az)
+                v[3] = 0.0
+            else:
+                v = cam.zero123_camera_vector(reference_elevation, 0.0, 0.0, reference_elevation + d_el, d_az, d_r)
+            if self.flip_azimuth:
+                v[1] = -v[1]
+            c2ws.append(look_at(camera_from_vector(ref[:3, 3], self.center, v), self.center))
+        out = self.render(c2ws)
+        if progress is not None:
+            progress.update(1.0, f"{len(out)} oracle views")
+        return out
+
+
+def framing_radius(vertices: np.ndarray, center: np.ndarray, fill: float = 0.8, fov_deg: float = 49.1,
+                   elevation: float = 0.0, size: int = 256) -> float:
+    """Camera distance at which the object's longer side spans ``fill`` of the reference
+    frame, so that the pipeline takes the reference as framed (no re-cropping)."""
+    from backend import cameras as cam
+
+    k = cam.Intrinsics.from_fov(math.radians(fov_deg), size, size)
+    r = float(np.linalg.norm(vertices - center, axis=1).max()) / (fill * math.tan(math.radians(fov_deg) / 2))
+    for _ in range(4):
+        el = math.radians(elevation)
+        c2w = look_at(center + r * np.array([0.0, -math.cos(el), math.sin(el)]), center)
+        uv, _ = cam.project(vertices, c2w, k)
+        side = max(np.ptp(uv[:, 0]), np.ptp(uv[:, 1])) / size
+        r *= side / fill
+    return r
