@@ -10,9 +10,9 @@ from .jobs import Registry
 
 def build_registry() -> Registry:
     """Every job kind whose pipeline exists. A kind not implemented is not listed."""
-    from . import diagnose, generate, reconstruct
+    from . import diagnose, generate, reconstruct, refine
 
-    specs = [diagnose.SPEC, reconstruct.SPEC, generate.TEXT_SPEC, generate.IMAGE_SPEC]
+    specs = [diagnose.SPEC, reconstruct.SPEC, generate.TEXT_SPEC, generate.IMAGE_SPEC, refine.SPEC]
     return Registry(specs)
 
 
@@ -27,7 +27,8 @@ def make_models(preset: str, device: str, low_vram: bool = False, text_to_image:
 
 def register_cli_verbs() -> None:
     """Register the job verbs that pipeline modules contribute to the CLI."""
-    from . import cli, generate, reconstruct
+    from . import cli, generate, reconstruct, refine
 
     cli.job_verb("reconstruct", "posed views (transforms.json) -> textured mesh GLB")(reconstruct.CLI)
     cli.job_verb("generate", "a prompt (--prompt) or a reference image (--image) -> textured mesh GLB")(generate.CLI)
+    cli.job_verb("refine", "refine or restyle the texture of a mesh (GLB) from a prompt and/or reference image")(refine.CLI)

@@ -128,3 +128,44 @@ def framing_radius(vertices: np.ndarray, center: np.ndarray, fill: float = 0.8, 
         side = max(np.ptp(uv[:, 0]), np.ptp(uv[:, 1])) / size
         r *= side / fill
     return r
+
+
+class PoolTruth:
+    """True renders for the oracle denoiser: Blender images of a camera pool,
+    composited on white, looked up by the sampled view's ``source`` index."""
+
+    def __init__(self, images_rgba: np.ndarray):
+        import torch
+
+        rgb = images_rgba[..., :3] * images_rgba[..., 3:4] + (1 - images_rgba[..., 3:4])
+        self.images = torch.as_tensor(rgb, dtype=torch.float32).permute(0, 3, 1, 2)
+
+    def __call__(self, views):
+        import torch
+        import torch.nn.functional as F
+
+        out = []
+        for v in views:
+            if v.source < 0:
+                raise ValueError("the oracle only knows the pool's cameras (camera_prob must be 1)")
+            img = self.images[v.source][None]
+            if img.shape[-1] != v.intr.width or img.shape[-2] != v.intr.height:
+                img = F.interpolate(img, (v.intr.height, v.intr.width), mode="area")
+            out.append(img[0])
+        return torch.stack(out)
+
+
+def degrade_texture(texture: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Blurred, colour-shifted and partly missing: what SDS must repair."""
+    from scipy.ndimage import gaussian_filter
+
+    t = np.asarray(texture, np.float32)
+    sigma = max(1.0, t.shape[0] / 64)
+    out = np.stack([gaussian_filter(t[..., c], sigma) for c in range(3)], -1)
+    out = out * np.array([0.75, 0.9, 1.15], np.float32) + np.array([0.12, -0.05, 0.0], np.float32)
+    h, w = out.shape[:2]
+    rng = np.random.default_rng(seed)
+    for _ in range(3):  # missing patches, flat grey
+        y, x = rng.integers(0, h * 3 // 4), rng.integers(0, w * 3 // 4)
+        out[y:y + h // 5, x:x + w // 5] = 0.5
+    return np.clip(out, 0, 1)

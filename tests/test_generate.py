@@ -280,9 +280,11 @@ def test_generate_jobs_on_the_server(tmp_path, tiny_store):
     try:
         with Client(srv.endpoint, timeout=10) as c:
             events = []
-            msg = c.run("text_to_3d", {"prompt": "a red mug", "steps": 2, **FAST}, on_progress=events.append)
+            msg = c.run("text_to_3d", {"prompt": "a red mug", "steps": 2, **FAST, "refine": True, "refine_steps": 2},
+                        on_progress=events.append)
             stages = {e.get("stage") for e in events}
-            assert {"text_to_image", "novel_views", "gaussians", "mesh", "texture"} <= stages, stages
+            assert {"text_to_image", "novel_views", "gaussians", "mesh", "texture", "refine"} <= stages, stages
+            assert "refine" in msg.get("metadata")["timings"]
             previews = [e for e in events if e.attachment("preview") is not None]
             assert any(e.get("stage") == "novel_views" for e in previews)
             prim = read_glb(msg.attachment("model.glb").data)[0]

@@ -102,17 +102,27 @@ def texture_png(texture: np.ndarray) -> bytes:
 
 
 def write_glb(meshes: TexturedMesh | list[TexturedMesh]) -> bytes:
-    """One node, mesh and material per :class:`TexturedMesh` (world Z-up in, glTF Y-up out)."""
+    """One node, mesh and material per :class:`TexturedMesh` (world Z-up in, glTF Y-up out).
+
+    A mesh read from a GLB can carry ``extras["gltf_positions"]`` (the float32
+    positions as stored) and ``extras["gltf_matrix"]`` (its node's matrix):
+    they are written back untouched, so its geometry survives bit for bit."""
     if isinstance(meshes, TexturedMesh):
         meshes = [meshes]
     b = _Builder()
     for m in meshes:
-        v = cam.blender_to_gltf(np.asarray(m.vertices, np.float64)).astype(np.float32)
+        raw = m.extras.get("gltf_positions")
+        if raw is not None:
+            v = np.asarray(raw, np.float32)
+        else:
+            v = cam.blender_to_gltf(np.asarray(m.vertices, np.float64)).astype(np.float32)
         f = np.asarray(m.faces)
         if len(f) == 0 or f.min() < 0 or f.max() >= len(v):
             raise ValueError(f"mesh {m.name!r}: face indices out of range")
         attrs = {"POSITION": b.accessor(v, "VEC3", 34962, minmax=True)}
-        if m.normals is not None:
+        if m.extras.get("gltf_normals") is not None:
+            attrs["NORMAL"] = b.accessor(np.asarray(m.extras["gltf_normals"], np.float32), "VEC3", 34962)
+        elif m.normals is not None:
             n = cam.blender_to_gltf(np.asarray(m.normals, np.float64)).astype(np.float32)
             n /= np.linalg.norm(n, axis=1, keepdims=True).clip(1e-12)
             attrs["NORMAL"] = b.accessor(n, "VEC3", 34962)
@@ -130,6 +140,10 @@ def write_glb(meshes: TexturedMesh | list[TexturedMesh]) -> bytes:
         b.gltf["meshes"].append({"name": m.name, "primitives": [
             {"attributes": attrs, "indices": idx, "material": len(b.gltf["materials"]) - 1, "mode": 4}]})
         node = {"name": m.name, "mesh": len(b.gltf["meshes"]) - 1}
+        if m.extras.get("gltf_matrix") is not None:
+            mat = np.asarray(m.extras["gltf_matrix"], np.float64)
+            if not np.allclose(mat, np.eye(4)):
+                node["matrix"] = mat.T.reshape(-1).tolist()  # column-major
         if m.extras.get("node_extras"):
             node["extras"] = m.extras["node_extras"]
         b.gltf["nodes"].append(node)

@@ -1,0 +1,238 @@
+"""Texture refinement jobs: ``refine_texture`` for any mesh, and the last stage of
+``text_to_3d`` / ``image_to_3d``. Composition only; the maths is in :mod:`backend.sds`."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from gen3d_wire.protocol import Attachment
+
+from . import cameras as cam
+from .dataset import decode_image, encode_png, resize_rgba
+from .jobs import AttachmentSpec, InputError, JobContext, JobInputs, JobOutput, JobSpec, Param
+from .mesh.gltf import read_glb, write_glb
+from .mesh.textured import TexturedMesh, vertex_normals
+from .mesh.uv import unwrap
+from .novel_views import FOV_DEG, on_white, prepare_reference
+from .progress import NULL, Progress
+from .sds import RefineSettings, StableDiffusionGuidance, Zero123Guidance, refine_texture
+
+
+# ---------------------------------------------------------------------------
+# inputs
+
+
+def parse_cameras(data: dict) -> list[tuple[np.ndarray, cam.Intrinsics]]:
+    """Scene cameras: ``{"frames": [{"transform_matrix", and Blender lens data
+    (lens, sensor_width, sensor_height, sensor_fit, w, h, shift_x, shift_y) or
+    fl_x/fl_y/cx/cy/w/h}]}``; also plain NeRF ``camera_angle_x``."""
+    if not isinstance(data, dict) or not isinstance(data.get("frames"), list) or not data["frames"]:
+        raise InputError("cameras: expected {\"frames\": [...]} with at least one camera")
+    out = []
+    for i, fr in enumerate(data["frames"]):
+        where = f"camera {i}" + (f" ({fr.get('name')})" if isinstance(fr, dict) and fr.get("name") else "")
+        if not isinstance(fr, dict) or "transform_matrix" not in fr:
+            raise InputError(f"{where}: needs a transform_matrix")
+        try:
+            m = np.asarray(fr["transform_matrix"], np.float64)
+            cam.check_c2w(m, "camera")
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"{where}: {exc}") from None
+
+        def num(key, default=None):
+            v = fr.get(key, data.get(key, default))
+            if v is not None and (not isinstance(v, (int, float)) or not math.isfinite(v)):
+                raise InputError(f"{where}: {key} must be a finite number")
+            return v
+
+        w, h = num("w", 1920), num("h", 1080)
+        if w <= 0 or h <= 0:
+            raise InputError(f"{where}: image size must be positive")
+        s = 256 / max(w, h)  # only the shape matters: refinement renders at its own size
+        if num("lens") is not None:
+            if num("lens") <= 0:
+                raise InputError(f"{where}: lens must be positive")
+            k = cam.Intrinsics.from_blender(num("lens"), num("sensor_width", 36.0), num("sensor_height", 24.0),
+                                            str(fr.get("sensor_fit", "AUTO")), int(w), int(h), num("shift_x", 0.0) or 0.0,
+                                            num("shift_y", 0.0) or 0.0)
+        elif num("fl_x") is not None:
+            fx = num("fl_x")
+            k = cam.Intrinsics(fx, num("fl_y", fx), num("cx", w / 2), num("cy", h / 2), int(w), int(h))
+        elif num("camera_angle_x") is not None:
+            k = cam.Intrinsics.from_fov(num("camera_angle_x"), int(w), int(h))
+        else:
+            raise InputError(f"{where}: no lens, fl_x or camera_angle_x: the field of view is unknown")
+        out.append((cam.orthonormalize_c2w(m), k.scaled(max(1, round(w * s)), max(1, round(h * s)))))
+    return out
+
+
+def mesh_from_glb(data: bytes, texture_size: int = 0) -> tuple[TexturedMesh, str]:
+    """The one mesh of a GLB, ready to refine, keeping its stored positions.
+    Returns (mesh, uv_source)."""
+    prims = read_glb(data)
+    if len(prims) > 1:
+        names = ", ".join(sorted({p.name for p in prims}))
+        raise InputError(f"the GLB holds {len(prims)} meshes/materials ({names}); refine one mesh with one material "
+                         "at a time (the add-on sends the active object)")
+    p = prims[0]
+    world = p.world_vertices()
+    faces = p.indices
+    raw = p.positions
+    normals_raw = p.normals
+    if p.uv is None:
+        vmap, faces_new, uv = unwrap(world, faces, texture_size or 1024)
+        world, raw, faces = world[vmap], raw[vmap], faces_new
+        normals_raw = normals_raw[vmap] if normals_raw is not None else None
+        uv_source = "xatlas"
+    else:
+        uv = p.uv
+        uv_source = "input"
+    size = texture_size or (p.texture.shape[0] if p.texture is not None else 1024)
+    if p.texture is not None:
+        tex = p.texture * np.asarray(p.base_color[:3], np.float32)
+        if tex.shape[:2] != (size, size):
+            tex = resize_rgba(np.concatenate([tex, np.ones(tex.shape[:2] + (1,), np.float32)], -1), size, size)[..., :3]
+    else:
+        tex = np.broadcast_to(np.asarray(p.base_color[:3], np.float32), (size, size, 3)).copy()
+    mesh = TexturedMesh(world, faces, uv.astype(np.float32), tex.astype(np.float32), vertex_normals(world, faces),
+                        name=p.name, extras={"gltf_positions": raw, "gltf_matrix": p.world,
+                                             "gltf_normals": normals_raw})
+    return mesh, uv_source
+
+
+def reference_view(image: np.ndarray, mesh: TexturedMesh, elevation: float = 0.0) -> tuple[np.ndarray, np.ndarray, cam.Intrinsics]:
+    """Where a reference image is assumed to be seen from: the front (-Y), framed as
+    the generation rig frames it (object centred, 80 % of the frame)."""
+    from .segment import foreground
+
+    rgba, _ = prepare_reference(foreground(image).rgba)
+    lo, hi = mesh.vertices.min(0), mesh.vertices.max(0)
+    center = 0.5 * (lo + hi)
+    radius = float(np.linalg.norm(mesh.vertices - center, axis=1).max())
+    k = cam.Intrinsics.from_fov(math.radians(FOV_DEG), rgba.shape[1], rgba.shape[0])
+    dist = radius / (0.8 * math.tan(math.radians(FOV_DEG) / 2))
+    return rgba, cam.spherical_to_c2w(elevation, 0.0, dist, center), k
+
+
+# ---------------------------------------------------------------------------
+# composition
+
+
+def build_guidances(models, prompt: str, negative: str, reference_rgba: np.ndarray | None, reference_elevation: float,
+                    text_scale: float, image_scale: float, device: str) -> list:
+    gs = []
+    if prompt.strip():
+        gs.append(StableDiffusionGuidance(models.stable_diffusion(), prompt, negative, text_scale,
+                                          size=512 if str(device).startswith("cuda") else 128))
+    if reference_rgba is not None:
+        gs.append(Zero123Guidance(models.zero123(), on_white(reference_rgba), reference_elevation, image_scale,
+                                  weight=1.0 if not gs else 0.5))
+    return gs
+
+
+def pipeline_refiner(models, prompt: str, negative: str, settings, device: str):
+    """The last stage of text_to_3d / image_to_3d: refine the baked texture with the
+    text prior (when a prompt exists) and Zero-1-to-3 on the reference view."""
+
+    def run(mesh: TexturedMesh, views, progress: Progress = NULL) -> TexturedMesh:
+        ref_rgba = views.images[0]
+        s = RefineSettings(steps=settings.refine_steps, update="sdedit", seed=settings.seed, lr=0.02)
+        gs = build_guidances(models, prompt, negative, ref_rgba, settings.reference_elevation, 7.5, 3.0, device)
+        new, _ = refine_texture(mesh, gs, s, cameras=[(views.c2w[0], views.intrinsics[0])],
+                                reference=(ref_rgba, views.c2w[0], views.intrinsics[0]), device=device,
+                                progress=progress)
+        return new
+
+    return run
+
+
+def _handle(inputs: JobInputs, ctx: JobContext) -> JobOutput:
+    p = inputs.params
+    atts = inputs.attachments
+    plan = ctx.progress.stages({"load": 5, "refine": 90, "export": 5})
+    mesh, uv_source = mesh_from_glb(atts["mesh"], p["texture_size"])
+    plan["load"].update(1.0, f"{len(mesh.faces)} faces, UVs from {uv_source}")
+    cameras = []
+    if "cameras" in atts:
+        cameras = parse_cameras(json.loads(atts["cameras"].decode("utf-8")))
+    reference = None
+    if "image" in atts:
+        img = decode_image(atts["image"], ctx.limits.max_image_pixels, "the reference image")
+        reference = reference_view(img, mesh, p["reference_elevation"])
+    if not p["prompt"].strip() and reference is None:
+        raise InputError("refine_texture needs a prompt or a reference image")
+    if ctx.models is None:
+        raise InputError("this backend was started without models")
+    s = RefineSettings(steps=p["steps"], update=p["update"], seed=p["seed"], lr=p["lr"],
+                       camera_prob=0.5 if cameras else 0.0, reference_weight=p["reference_weight"])
+    gs = build_guidances(ctx.models, p["prompt"], p["negative_prompt"], reference[0] if reference else None,
+                         p["reference_elevation"], p["guidance"], p["image_guidance"], ctx.device)
+    new, report = refine_texture(mesh, gs, s, cameras, reference, ctx.device, plan["refine"])
+    glb = write_glb(new)
+    plan["export"].update(1.0)
+    meta = {"uv_source": uv_source, "faces": int(len(new.faces)), "vertices": int(len(new.vertices)),
+            "texture_size": int(new.texture.shape[0]), "steps": report.steps, "scene_cameras": len(cameras),
+            "update": p["update"], "timings": {"refine": report.seconds}, "final_loss": report.losses[-1] if report.losses else None}
+    return JobOutput([Attachment("model.glb", "model/gltf-binary", glb)], meta)
+
+
+SPEC = JobSpec(
+    kind="refine_texture",
+    description="Refine or restyle the texture of a mesh (GLB) by score distillation; geometry unchanged.",
+    handler=_handle,
+    params=(
+        Param("prompt", str, "", "what the texture should look like"),
+        Param("negative_prompt", str, "", "what to avoid"),
+        Param("seed", int, 0, "random seed", min=0, max=2**31 - 1),
+        Param("steps", int, 100, "refinement steps", min=1, max=20000),
+        Param("texture_size", int, 0, "texture size (0: keep the mesh's, or 1024)", min=0, max=8192),
+        Param("guidance", float, 100.0, "text guidance scale (SDS needs a high one)", min=0.0, max=500.0),
+        Param("image_guidance", float, 4.0, "Zero-1-to-3 guidance scale", min=0.0, max=50.0),
+        Param("update", str, "sds", "update rule: sds | sdedit | csd", choices=("sds", "sdedit", "csd")),
+        Param("lr", float, 0.03, "texture learning rate", min=1e-5, max=1.0),
+        Param("reference_weight", float, 1000.0, "weight of the reference-view match", min=0.0, max=1e6),
+        Param("reference_elevation", float, 0.0, "elevation of the reference image's camera", min=-60.0, max=80.0),
+    ),
+    attachments=(
+        AttachmentSpec("mesh", "glb", True, "the mesh to refine (one mesh, world transform applied)"),
+        AttachmentSpec("image", "image", False, "optional reference image (seen from the front, -Y)"),
+        AttachmentSpec("cameras", "json", False, "optional scene cameras to refine what they see"),
+    ),
+)
+
+
+def _configure(p) -> None:
+    from .cli import add_param_flags
+
+    p.add_argument("mesh", help="GLB to refine")
+    p.add_argument("--out", required=True, help="output GLB")
+    p.add_argument("--reference", default=None, help="reference image (PNG/JPEG)")
+    p.add_argument("--cameras", default=None, help="scene cameras (JSON, see docs/jobs.md) or a transforms.json")
+    add_param_flags(p, SPEC)
+
+
+def _run(args) -> int:
+    from .cli import params_from_args, run_job, write_outputs
+
+    atts = []
+    for flag, name, mime in ((args.mesh, "mesh", "model/gltf-binary"), (args.reference, "image", "image/png"),
+                             (args.cameras, "cameras", "application/json")):
+        if flag is None:
+            continue
+        path = Path(flag)
+        if not path.is_file():
+            raise InputError(f"{path} not found")
+        atts.append(Attachment(name, mime, path.read_bytes()))
+    meta, files = run_job(args, "refine_texture", params_from_args(args, SPEC), atts)
+    for p in write_outputs(files, {"model.glb": args.out}):
+        print(p)
+    print(f"{meta.get('faces')} faces, UVs from {meta.get('uv_source')}, {meta.get('steps')} steps in "
+          f"{meta.get('timings', {}).get('refine', 0):.1f}s")
+    return 0
+
+
+CLI = (_configure, _run)
