@@ -352,8 +352,10 @@ class JobWatcher:
         timeout: float = 10.0,
         curve: CurveKeys | None = None,
         silence_timeout: float = 120.0,
+        client: Client | None = None,
     ):
-        self.client = Client(endpoint, timeout=timeout, curve=curve)
+        # an already-connected client can be handed in: its first send does not wait for a connection
+        self.client = client if client is not None else Client(endpoint, timeout=timeout, curve=curve)
         self.kind = kind
         self.params = dict(params or {})
         self.attachments = list(attachments)

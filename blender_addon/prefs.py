@@ -1,0 +1,255 @@
+"""Add-on preferences: where the backend is, how long to wait, encryption keys,
+and an optional backend the add-on starts itself."""
+
+import os
+
+import bpy
+from bpy.props import BoolProperty, FloatProperty, IntProperty, StringProperty
+
+from . import wire
+from .manager import MANAGER, AutoStart, Connection, Job, endpoint_is_local
+
+ADDON_ID = __package__
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
+
+
+class GEN3D_AddonPreferences(bpy.types.AddonPreferences):
+    bl_idname = ADDON_ID
+
+    endpoint: StringProperty(
+        name="Endpoint", default=DEFAULT_ENDPOINT,
+        description="ZeroMQ address of the gen3d backend (python -m backend serve). "
+                    "tcp://127.0.0.1:5555 is a backend on this computer")
+    timeout: FloatProperty(
+        name="Request Timeout", default=10.0, min=0.5, max=600.0, unit="TIME_ABSOLUTE",
+        description="Seconds to wait for the backend to answer before reporting it unreachable")
+    server_key: StringProperty(
+        name="Server Key",
+        description="CurveZMQ public key of a remote backend (40 characters, from its KEYDIR/server.key), "
+                    "or the path of that server.key file. Empty for a backend on this computer")
+    client_key: StringProperty(
+        name="Client Key File", subtype="FILE_PATH",
+        description="Optional: this client's key pair (client.key_secret), when the backend only admits known clients")
+    auto_start: BoolProperty(
+        name="Auto-start Local Backend", default=False,
+        description="Start a backend on this computer when a job needs one, and stop it when the add-on is disabled")
+    python_path: StringProperty(
+        name="Python", subtype="FILE_PATH",
+        description="The Python executable that has the backend installed (e.g. the project's .venv/bin/python)")
+    backend_dir: StringProperty(
+        name="Working Folder", subtype="DIR_PATH",
+        description="Optional: folder to start the backend in (the source checkout, when it is not pip-installed)")
+    preset: StringProperty(
+        name="Preset", default="default",
+        description="Model preset of the started backend: 'default' (real models) or 'tiny' (random weights, for tests)")
+    port: IntProperty(name="Port", default=5555, min=1024, max=65535, description="Port of the started backend")
+    start_timeout: FloatProperty(
+        name="Start Timeout", default=180.0, min=5.0, max=3600.0, unit="TIME_ABSOLUTE",
+        description="Seconds to wait for the started backend to answer (loading models takes a while)")
+
+    def draw(self, context):
+        draw_preferences(self, self.layout)
+
+
+class _Defaults:
+    """Preference values when the add-on's preferences are not reachable
+    (e.g. its module was registered by hand)."""
+
+    endpoint = DEFAULT_ENDPOINT
+    timeout = 10.0
+    server_key = ""
+    client_key = ""
+    auto_start = False
+    python_path = ""
+    backend_dir = ""
+    preset = "default"
+    port = 5555
+    start_timeout = 180.0
+
+
+def get_prefs(context=None):
+    context = context or bpy.context
+    addon = context.preferences.addons.get(ADDON_ID)
+    if addon is not None and addon.preferences is not None:
+        return addon.preferences
+    return _Defaults()
+
+
+def curve_keys(prefs):
+    """CurveKeys from the preferences, or None. Raises ValueError with a readable message."""
+    key = (prefs.server_key or "").strip()
+    if not key:
+        return None
+    _, C = wire.require()
+    client_file = bpy.path.abspath(prefs.client_key) if prefs.client_key else None
+    if len(key) == 40 and not os.path.exists(key):
+        if client_file:
+            import zmq.auth
+
+            try:
+                pub, sec = zmq.auth.load_certificate(client_file)
+            except Exception as exc:
+                raise ValueError(f"could not read the client key file {client_file!r}: {exc}") from None
+            return C.CurveKeys(key, pub.decode(), sec.decode() if sec else None)
+        return C.CurveKeys(key)
+    path = bpy.path.abspath(key)
+    if not os.path.isfile(path):
+        raise ValueError(f"the server key is neither a 40-character key nor an existing file: {key!r}")
+    try:
+        return C.CurveKeys.from_files(path, client_file)
+    except Exception as exc:  # zmq.auth raises plain exceptions on malformed files
+        raise ValueError(f"could not read the key file {path!r}: {exc}") from None
+
+
+def auto_start_spec(prefs) -> AutoStart:
+    return AutoStart(python=bpy.path.abspath(prefs.python_path) if prefs.python_path else "",
+                     port=int(prefs.port), preset=prefs.preset.strip() or "default",
+                     cwd=bpy.path.abspath(prefs.backend_dir) if prefs.backend_dir else "",
+                     start_timeout=float(prefs.start_timeout))
+
+
+def connection(prefs, force_start: bool = False) -> Connection:
+    """The Connection for a job. Raises ValueError (bad key) or PermissionError (online access off)."""
+    spec = auto_start_spec(prefs) if (prefs.auto_start or force_start) else None
+    endpoint = f"tcp://127.0.0.1:{spec.port}" if spec else (prefs.endpoint.strip() or DEFAULT_ENDPOINT)
+    if not endpoint_is_local(endpoint) and not bpy.app.online_access:
+        raise PermissionError(f"Blender's online access is off, so the add-on does not connect to {endpoint}.")
+    return Connection(endpoint=endpoint, timeout=float(prefs.timeout), curve=None if spec else curve_keys(prefs),
+                      auto_start=spec)
+
+
+def draw_status_lines(layout, outcome) -> None:
+    from .ui import draw_outcome
+
+    draw_outcome(layout, outcome)
+
+
+def draw_preferences(prefs, layout) -> None:
+    col = layout.column()
+    if not wire.available():
+        box = col.box()
+        box.alert = True
+        box.label(text=wire.IMPORT_ERROR or "pyzmq is missing", icon="ERROR")
+    box = col.box()
+    box.label(text="Backend", icon="URL")
+    sub = box.column()
+    sub.enabled = not prefs.auto_start
+    sub.prop(prefs, "endpoint")
+    sub.prop(prefs, "server_key")
+    sub.prop(prefs, "client_key")
+    box.prop(prefs, "timeout")
+    if not prefs.auto_start and not endpoint_is_local(prefs.endpoint) and not bpy.app.online_access:
+        warn = box.column()
+        warn.alert = True
+        warn.label(text="Online access is off: remote backends are not contacted.", icon="ERROR")
+        warn.label(text="Allow it in Preferences > System > Network.")
+
+    box = col.box()
+    box.prop(prefs, "auto_start")
+    sub = box.column()
+    sub.prop(prefs, "python_path")
+    sub.prop(prefs, "backend_dir")
+    row = sub.row()
+    row.prop(prefs, "preset")
+    row.prop(prefs, "port")
+    sub.prop(prefs, "start_timeout")
+    row = box.row()
+    row.operator("gen3d.start_backend", icon="PLAY")
+    row.operator("gen3d.stop_backend", icon="PAUSE")
+    proc = MANAGER.backend
+    if proc is not None:
+        state = f"running (pid {proc.pid})" if proc.alive() else f"exited (code {proc.returncode})"
+        box.label(text=f"Started backend: {state} on {proc.endpoint}", icon="CONSOLE")
+        if not proc.alive():
+            for line in proc.log_tail(6):
+                box.label(text=line[:200])
+
+    box = col.box()
+    row = box.row()
+    row.operator("gen3d.test_connection", icon="PLUGIN")
+    job = MANAGER.job
+    if job is not None and job.panel == "PREFS":
+        box.label(text=job.message or job.stage, icon="SORTTIME")
+    info = MANAGER.server_info
+    if info:
+        dev = info.get("device") or {}
+        box.label(text=f"Connected: {info.get('endpoint')}", icon="CHECKMARK")
+        box.label(text=f"Server gen3d {info.get('server', '?')}, protocol {info.get('protocol', '?')}, "
+                       f"preset {info.get('preset', '?')}")
+        box.label(text=f"Device: {dev.get('device', '?')}" + (f" ({dev['gpu_name']})" if dev.get("gpu_name") else ""))
+        versions = info.get("versions") or {}
+        if versions:
+            box.label(text="Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())[:6]))
+        kinds = sorted((info.get("job_kinds") or {}).keys())
+        box.label(text="Jobs: " + (", ".join(kinds) or "none"))
+        missing = [k for k in ("text_to_3d", "image_to_3d", "refine_texture") if k not in kinds]
+        if missing:
+            box.label(text="This backend cannot run: " + ", ".join(missing), icon="INFO")
+    out = MANAGER.outcome
+    if out is not None and out.panel == "PREFS":
+        draw_status_lines(box, out)
+
+
+class GEN3D_OT_test_connection(bpy.types.Operator):
+    bl_idname = "gen3d.test_connection"
+    bl_label = "Connect / Test"
+    bl_description = "Connect to the backend and show its device and versions (starts it when Auto-start is on)"
+
+    @classmethod
+    def poll(cls, context):
+        if MANAGER.busy:
+            cls.poll_message_set("A job is running")
+            return False
+        return True
+
+    def execute(self, context):
+        return _connect(self, context, force_start=False)
+
+
+class GEN3D_OT_start_backend(bpy.types.Operator):
+    bl_idname = "gen3d.start_backend"
+    bl_label = "Start Backend"
+    bl_description = "Start a backend on this computer with the Python, preset and port above, and wait until it answers"
+
+    @classmethod
+    def poll(cls, context):
+        if MANAGER.busy:
+            cls.poll_message_set("A job is running")
+            return False
+        return True
+
+    def execute(self, context):
+        return _connect(self, context, force_start=True)
+
+
+class GEN3D_OT_stop_backend(bpy.types.Operator):
+    bl_idname = "gen3d.stop_backend"
+    bl_label = "Stop Backend"
+    bl_description = "Stop the backend that the add-on started"
+
+    @classmethod
+    def poll(cls, context):
+        return MANAGER.backend is not None
+
+    def execute(self, context):
+        if MANAGER.job is not None:
+            MANAGER.cancel()
+        MANAGER.stop_backend()
+        self.report({"INFO"}, "Backend stopped")
+        return {"FINISHED"}
+
+
+def _connect(op, context, force_start: bool):
+    from .operators import report_outcome, submit_job
+
+    prefs = get_prefs(context)
+    job = Job(kind=None, label="Connect", panel="PREFS")
+    try:
+        conn = connection(prefs, force_start=force_start)
+    except (ValueError, PermissionError) as exc:
+        code = "online_access" if isinstance(exc, PermissionError) else "input"
+        return report_outcome(op, job, "error", str(exc), code)
+    return submit_job(op, job, conn)
+
+
+CLASSES = (GEN3D_AddonPreferences, GEN3D_OT_test_connection, GEN3D_OT_start_backend, GEN3D_OT_stop_backend)

@@ -1,0 +1,234 @@
+"""The "Generate" tab of the 3D Viewport's sidebar: three panels, each with its
+settings, its button and, while its job runs, a progress bar, the backend's
+latest preview and Cancel; after it ends, the result or the error and what to
+do about it."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+
+import bpy
+
+from . import scene_io, wire
+from .manager import CONNECTING, MANAGER
+
+STAGE_LABELS = {
+    "connecting": "Connecting", "starting backend": "Starting backend", "submitting": "Sending",
+    "queued": "Queued", "text_to_image": "Text to image", "segment": "Cutting out", "novel_views": "Novel views",
+    "gaussians": "Gaussians", "mesh": "Mesh", "uv": "UV unwrap", "texture": "Texture", "refine": "Refining",
+    "export": "Export", "job": "Working",
+}
+
+
+def stage_label(stage: str) -> str:
+    return STAGE_LABELS.get(stage or "", (stage or "Working").replace("_", " ").capitalize())
+
+
+def _lines(layout, text: str, icon: str = "NONE", width: int = 46) -> None:
+    for i, line in enumerate(textwrap.wrap(text, width) or [""]):
+        layout.label(text=line, icon=icon if i == 0 else "BLANK1" if icon != "NONE" else "NONE")
+
+
+# --------------------------------------------------------------------------- previews
+
+_previews = None
+_preview_key = None
+_preview_path = None
+
+
+def preview_icon(job) -> int:
+    """icon_id of the job's latest preview PNG (0 when there is none)."""
+    global _previews, _preview_key, _preview_path
+    if job is None or not job.preview_png:
+        return 0
+    key = f"{id(job)}_{job.preview_serial}"
+    if _previews is None:
+        import bpy.utils.previews
+
+        _previews = bpy.utils.previews.new()
+    if key not in _previews:
+        path = os.path.join(MANAGER.tmpdir(), f"preview_{key}.png")
+        with open(path, "wb") as fh:
+            fh.write(job.preview_png)
+        _previews.clear()
+        if _preview_path and os.path.exists(_preview_path):
+            try:
+                os.remove(_preview_path)
+            except OSError:
+                pass
+        _previews.load(key, path, "IMAGE")
+        _preview_key, _preview_path = key, path
+    return _previews[key].icon_id
+
+
+def clear_previews() -> None:
+    global _previews, _preview_key, _preview_path
+    if _previews is not None:
+        import bpy.utils.previews
+
+        bpy.utils.previews.remove(_previews)
+    _previews = _preview_key = _preview_path = None
+
+
+def image_icon(image) -> int:
+    if image is None:
+        return 0
+    try:
+        image.preview_ensure()
+        return image.preview.icon_id
+    except (AttributeError, RuntimeError):
+        return 0
+
+
+# --------------------------------------------------------------------------- status
+
+
+def draw_outcome(layout, outcome) -> None:
+    box = layout.box()
+    if outcome.state == "error":
+        box.alert = True
+        _lines(box, outcome.message, "ERROR")
+        if outcome.hint:
+            col = box.column()
+            col.alert = False
+            _lines(col, outcome.hint, "INFO")
+    elif outcome.state == "cancelled":
+        _lines(box, outcome.message, "CANCEL")
+    else:
+        _lines(box, outcome.message, "CHECKMARK")
+    box.operator("gen3d.dismiss", text="Dismiss", icon="X")
+
+
+def draw_status(layout, panel: str) -> None:
+    if not wire.available():
+        box = layout.box()
+        box.alert = True
+        _lines(box, wire.IMPORT_ERROR or "pyzmq is missing", "ERROR")
+        return
+    job = MANAGER.job
+    if job is not None and job.panel == panel:
+        box = layout.box()
+        if job.phase == CONNECTING:
+            box.progress(factor=0.0, type="BAR", text=stage_label(job.stage) + "...")
+        else:
+            pct = int(round(100 * job.fraction))
+            box.progress(factor=float(job.fraction), type="BAR", text=f"{stage_label(job.stage)}  {pct}%")
+        if job.message:
+            _lines(box, job.message)
+        if job.preview_png:  # (icon ids are 0 in background mode, where nothing is drawn anyway)
+            box.template_icon(icon_value=preview_icon(job), scale=8.0)
+        box.operator("gen3d.cancel", text="Cancel", icon="CANCEL")
+        return
+    out = MANAGER.outcome
+    if out is not None and out.panel == panel:
+        draw_outcome(layout, out)
+
+
+def _run_button(layout, operator: str, text: str, icon: str) -> None:
+    row = layout.row()
+    row.scale_y = 1.4
+    row.enabled = not MANAGER.busy
+    row.operator(operator, text=text, icon=icon)
+
+
+def _draw_generation_settings(layout, s, idname: str) -> None:
+    header, body = layout.panel(idname, default_closed=True)
+    header.label(text="Settings")
+    if body is not None:
+        body.use_property_split = True
+        body.use_property_decorate = False
+        body.prop(s, "quality")
+        body.prop(s, "faces")
+        body.prop(s, "texture_size")
+        body.prop(s, "refine")
+        body.prop(s, "seed")
+        body.prop(s, "negative_prompt", text="Negative")
+        body.prop(s, "extra_params", text="Extra (JSON)")
+
+
+# --------------------------------------------------------------------------- panels
+
+
+class _Gen3DPanel:
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "Generate"
+
+
+class GEN3D_PT_generate_text(_Gen3DPanel, bpy.types.Panel):
+    bl_idname = "GEN3D_PT_generate_text"
+    bl_label = "Generate from text"
+
+    def draw(self, context):
+        layout = self.layout
+        s = context.scene.gen3d
+        layout.prop(s, "prompt", text="", placeholder="Prompt, e.g. a red wooden chair")
+        _draw_generation_settings(layout, s, "gen3d_text_settings")
+        _run_button(layout, "gen3d.generate_from_text", "Generate", "PLAY")
+        draw_status(layout, "TEXT")
+
+
+class GEN3D_PT_image_to_3d(_Gen3DPanel, bpy.types.Panel):
+    bl_idname = "GEN3D_PT_image_to_3d"
+    bl_label = "Image to 3D"
+
+    def draw(self, context):
+        layout = self.layout
+        s = context.scene.gen3d
+        obj = context.active_object
+        if scene_io.is_image_empty(obj):
+            layout.label(text=f"Image empty: {obj.name}", icon="IMAGE_REFERENCE")
+            image = obj.data
+        else:
+            layout.template_ID(s, "image", new="image.new", open="image.open")
+            image = s.image
+        if image is not None:
+            layout.template_icon(icon_value=image_icon(image), scale=6.0)
+            w, h = image.size
+            layout.label(text=f"{image.name}: {w} x {h}", icon="IMAGE_DATA")
+        else:
+            layout.label(text="No reference image: choose or open one,", icon="INFO")
+            layout.label(text="or select an image empty (Add > Image > Reference).")
+        col = layout.column()
+        col.use_property_split = True
+        col.use_property_decorate = False
+        col.prop(s, "reference_elevation", text="Elevation")
+        col.prop(s, "prompt", text="Prompt")
+        _draw_generation_settings(layout, s, "gen3d_image_settings")
+        _run_button(layout, "gen3d.image_to_3d", "Generate from Image", "PLAY")
+        draw_status(layout, "IMAGE")
+
+
+class GEN3D_PT_refine_texture(_Gen3DPanel, bpy.types.Panel):
+    bl_idname = "GEN3D_PT_refine_texture"
+    bl_label = "Refine texture"
+
+    def draw(self, context):
+        layout = self.layout
+        s = context.scene.gen3d
+        obj = context.active_object
+        if obj is not None and obj.type == "MESH":
+            layout.label(text=f"Mesh: {obj.name} ({len(obj.data.polygons)} faces)", icon="MESH_DATA")
+        else:
+            row = layout.row()
+            row.alert = True
+            row.label(text="Select a mesh (the active object)", icon="ERROR")
+        layout.prop(s, "refine_prompt", text="", placeholder="New look, e.g. rusty metal")
+        layout.label(text="Reference image (optional):")
+        layout.template_ID(s, "refine_image", open="image.open")
+        col = layout.column()
+        col.use_property_split = True
+        col.use_property_decorate = False
+        col.prop(s, "refine_cameras")
+        if s.refine_cameras != "NONE":
+            frames, skipped = scene_io.camera_frames(context, s.refine_cameras)
+            col.label(text=f"{len(frames)} camera(s)" + (f", {skipped} not perspective" if skipped else ""),
+                      icon="CAMERA_DATA")
+        col.prop(s, "texture_size")
+        col.prop(s, "seed")
+        _run_button(layout, "gen3d.refine_texture", "Refine Texture", "SHADING_TEXTURE")
+        draw_status(layout, "REFINE")
+
+
+CLASSES = (GEN3D_PT_generate_text, GEN3D_PT_image_to_3d, GEN3D_PT_refine_texture)

@@ -1,0 +1,802 @@
+"""The Blender add-on in real Blender sessions (the bpy module, one subprocess
+per session, isolated user folders) against a live backend.
+
+The backend is chosen by GEN3D_ADDON_BACKEND (see tests/addon_helpers.py):
+stand-in job kinds in-process by default, ``real`` for ``python -m backend
+serve --preset tiny``. Checks that only hold for the stand-ins (exact mesh,
+metadata they echo) are skipped against a real backend.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import platform
+import shutil
+import socket
+import sys
+
+import numpy as np
+import pytest
+
+from addon_helpers import ROOT, BlenderSessions, find_cached_wheel, icosphere, start_backend
+
+pytestmark = [
+    pytest.mark.blender,
+    pytest.mark.skipif(importlib.util.find_spec("bpy") is None, reason="needs the bpy module (pip install bpy==5.0.1)"),
+]
+
+# a real backend on CPU takes longer than the stand-ins
+SESSION_TIMEOUT = 120 if os.environ.get("GEN3D_ADDON_BACKEND", "stub") == "stub" else 900
+PANELS = ("GEN3D_PT_generate_text", "GEN3D_PT_image_to_3d", "GEN3D_PT_refine_texture")
+OPERATORS = ("GEN3D_OT_generate_from_text", "GEN3D_OT_image_to_3d", "GEN3D_OT_refine_texture", "GEN3D_OT_cancel")
+
+
+KINDS = ("text_to_3d", "image_to_3d", "refine_texture")
+
+
+@pytest.fixture(scope="module")
+def backend_server(tmp_path_factory):
+    """(endpoint, is_stub, kinds offered) of the backend the live tests use (see GEN3D_ADDON_BACKEND)."""
+    from gen3d_wire.client import Client
+
+    endpoint, stop, is_stub = start_backend(tmp_path_factory.mktemp("addon_jobs"))
+    try:
+        with Client(endpoint, timeout=10) as c:
+            offered = set(c.capabilities()["job_kinds"])
+        yield endpoint, is_stub, offered
+    finally:
+        stop()
+
+
+def need(backend_server, *kinds):
+    """(endpoint, is_stub) for a test that runs ``kinds``; skipped while the backend lacks one of them."""
+    endpoint, is_stub, offered = backend_server
+    missing = [k for k in kinds if k not in offered]
+    if missing:
+        pytest.skip(f"the backend at {endpoint} does not offer {missing} yet")
+    return endpoint, is_stub
+
+
+# Small step counts for the real tiny backend (sent through Scene.gen3d.extra_params, as a TD would)
+FAST = {"text_to_3d": {"views": 4, "view_steps": 3, "steps": 2, "iterations": 40, "refine_steps": 2},
+        "image_to_3d": {"views": 4, "view_steps": 3, "iterations": 40, "refine_steps": 2},
+        "refine_texture": {"steps": 3}}
+
+
+def fast(stub: bool) -> str:
+    return "" if stub else json.dumps(FAST)
+
+
+@pytest.fixture(scope="module")
+def backend_endpoint(backend_server):
+    return backend_server[0]
+
+
+@pytest.fixture
+def blender(tmp_path):
+    return BlenderSessions(tmp_path / "blender")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- install from the built zip
+
+
+@pytest.fixture(scope="module")
+def built_zip(tmp_path_factory):
+    """gen3d-<version>.zip built offline from a wheel folder holding the pinned Linux cp311 pyzmq wheel
+    (taken from the build cache; fetched into it once when absent)."""
+    import build_addon
+
+    if not (sys.platform.startswith("linux") and platform.machine() == "x86_64" and sys.version_info[:2] == (3, 11)):
+        pytest.skip("the install test bundles the Linux x86_64 cp311 wheel")
+    name = build_addon.wheel_name("3.11", "linux-x64")
+    cached = find_cached_wheel(name)
+    if cached is None:
+        try:
+            cached = build_addon.fetch_wheels({name: ("3.11", "linux-x64")}, build_addon.default_cache(), quiet=True)[name]
+        except SystemExit as exc:
+            pytest.skip(f"pyzmq wheel not cached and not downloadable: {exc}")
+    wheels = tmp_path_factory.mktemp("wheels")
+    shutil.copy(cached, wheels / name)
+    out = tmp_path_factory.mktemp("dist")
+    assert build_addon.main(["--out", str(out), "--wheels", str(wheels), "--platform", "linux-x64",
+                             "--python", "3.11", "-q"]) == 0
+    zips = list(out.glob("gen3d-*.zip"))
+    assert len(zips) == 1
+    return zips[0]
+
+
+INSTALL_SCRIPT = r'''
+zip_path = ARGS["zip"]
+res = bpy.ops.extensions.package_install_files(filepath=zip_path, repo="user_default", enable_on_install=True)
+mod = addon_module()
+mgr = mod.manager.MANAGER
+site = os.path.join(bpy.utils.user_resource("EXTENSIONS"), ".local", "lib", "python3.11", "site-packages")
+out = dict(
+    result=sorted(res), enabled=ADDON in bpy.context.preferences.addons,
+    panels={n: hasattr(bpy.types, n) for n in ARGS["panels"]},
+    operators={n: hasattr(bpy.types, n) for n in ARGS["operators"]},
+    ops_callable=[bpy.ops.gen3d.generate_from_text.poll(), bpy.ops.gen3d.cancel.poll()],
+    scene_prop=hasattr(bpy.types.Scene, "gen3d") and bpy.context.scene.gen3d.quality,
+    wire_module=mod.wire.C.__name__, wheel_unpacked=os.path.isdir(os.path.join(site, "zmq")),
+    addon_dir=os.path.dirname(mod.__file__),
+)
+# the installed add-on talks to the backend with its bundled wire code
+p = prefs()
+p.endpoint = ARGS["endpoint"]
+r = bpy.ops.gen3d.test_connection()
+out["connect"] = sorted(r)
+out["kinds"] = sorted((mgr.server_info or {}).get("job_kinds", {}))
+# a job in flight (non-blocking, as in the UI) when the add-on is disabled
+mgr.blocking = False
+bpy.context.scene.gen3d.prompt = "a teapot"
+bpy.ops.gen3d.generate_from_text()
+timer = mod.manager._timer
+out["timer_while_running"] = bpy.app.timers.is_registered(timer)
+t0 = time.time()
+while mgr.job is not None and mgr.job.job_id is None and time.time() - t0 < 10:
+    timer(); time.sleep(0.02)
+out["job_id"] = mgr.job.job_id if mgr.job else None
+names = [c for c in dir(bpy.types) if c.startswith(("GEN3D_", "gen3d"))]
+out["registered_before"] = names
+res = bpy.ops.preferences.addon_disable(module=ADDON)
+out["disable"] = sorted(res)
+out["left"] = dict(
+    classes=[c for c in dir(bpy.types) if c.startswith(("GEN3D_", "gen3d"))],
+    scene_prop=hasattr(bpy.types.Scene, "gen3d"),
+    timer=bpy.app.timers.is_registered(timer),
+    job=mgr.job is not None, watcher=mgr._watcher is not None, probe=mgr._probe is not None,
+    backend=mgr.backend is not None, enabled=ADDON in bpy.context.preferences.addons,
+)
+emit(**out)
+'''
+
+
+def test_built_zip_installs_registers_and_unregisters_cleanly(blender, built_zip, backend_server):
+    backend_endpoint, _, offered = backend_server
+    import zipfile
+
+    with zipfile.ZipFile(built_zip) as zf:
+        names = set(zf.namelist())
+        manifest = zf.read("blender_manifest.toml").decode()
+    assert {"blender_manifest.toml", "__init__.py", "gen3d_wire/client.py", "gen3d_wire/protocol.py"} <= names
+    assert any(n.startswith("wheels/pyzmq-") for n in names)
+    assert 'id = "gen3d"' in manifest and "./wheels/pyzmq-" in manifest and "[permissions]" in manifest
+    assert not any("__pycache__" in n for n in names)
+
+    r = blender.run(INSTALL_SCRIPT, {"zip": str(built_zip), "endpoint": backend_endpoint, "panels": PANELS,
+                                     "operators": OPERATORS})
+    d = r.data
+    assert d["result"] == ["FINISHED"] and d["enabled"]
+    assert all(d["panels"].values()), d["panels"]
+    assert all(d["operators"].values()), d["operators"]
+    assert d["ops_callable"] == [True, False]  # nothing running: Cancel is greyed out
+    assert d["scene_prop"] == "standard"
+    assert d["wire_module"] == "bl_ext.user_default.gen3d.gen3d_wire.client", "the bundled wire code must be used"
+    assert d["wheel_unpacked"], "Blender should have installed the bundled pyzmq wheel"
+    assert d["connect"] == ["FINISHED"]
+    assert set(d["kinds"]) == offered
+    assert d["timer_while_running"]
+    assert d["job_id"] or "text_to_3d" not in offered
+    assert d["disable"] == ["FINISHED"]
+    assert d["left"] == {"classes": [], "scene_prop": False, "timer": False, "job": False, "watcher": False,
+                         "probe": False, "backend": False, "enabled": False}, d["left"]
+    assert "Traceback" not in r.stderr, r.stderr
+
+
+# --------------------------------------------------------------------------- live jobs (blocking, background mode)
+
+TEXT_SCRIPT = r'''
+enable_source_addon()
+p = prefs(); p.endpoint = ARGS["endpoint"]; p.timeout = 10.0
+scene = bpy.context.scene
+clear_objects(keep=("Camera",))
+cam = bpy.data.objects["Camera"]
+cam.location = (3.0, -1.0, 1.5)
+scene.camera = cam
+scene.cursor.location = (1.0, 2.0, 0.5)
+s = scene.gen3d
+s.extra_params = ARGS.get("extra", "")
+s.prompt = "a red wooden chair"; s.seed = 3; s.quality = "draft"; s.faces = 5000; s.texture_size = "512"
+before = set(object_names())
+bpy.ops.ed.undo_push(message="before")
+t0 = time.time()
+res = bpy.ops.gen3d.generate_from_text()
+seconds = time.time() - t0
+new = [bpy.data.objects[n] for n in object_names() if n not in before]
+obj = bpy.context.view_layer.objects.active
+mw = [list(r) for r in obj.matrix_world]
+world = [list(obj.matrix_world @ v.co) for v in obj.data.vertices]
+mat = obj.active_material
+imgs = [n.image for n in mat.node_tree.nodes if n.type == "TEX_IMAGE" and n.image] if mat else []
+bsdf = next(n for n in mat.node_tree.nodes if n.type == "BSDF_PRINCIPLED")
+mgr = addon_module().manager.MANAGER
+emit(result=sorted(res), seconds=seconds, new=[o.name for o in new], types=[o.type for o in new],
+     active=obj.name, selected=sorted(o.name for o in bpy.context.selected_objects),
+     collections=[c.name for c in obj.users_collection], matrix=mw, world=world,
+     cursor=list(scene.cursor.location), camera=list(cam.location),
+     material=mat.name if mat else None, images=[i.name for i in imgs], packed=[bool(i.packed_file) for i in imgs],
+     base_color_linked=bool(bsdf.inputs["Base Color"].links),
+     image_size=list(imgs[0].size) if imgs else None,
+     info=json.loads(obj.get("gen3d", "{}")), outcome=mgr.outcome.state, message=mgr.outcome.message,
+     **undo_redo(before))
+'''
+
+
+def test_generate_from_text_adds_a_textured_object_at_the_cursor_facing_the_camera(blender, backend_server):
+    endpoint, stub = need(backend_server, "text_to_3d")
+    r = blender.run(TEXT_SCRIPT, {"endpoint": endpoint, "extra": fast(stub)}, timeout=SESSION_TIMEOUT)
+    d = r.data
+    assert d["result"] == ["FINISHED"], d
+    assert d["outcome"] == "done" and "Imported" in d["message"]
+    assert len(d["new"]) >= 1 and "MESH" in d["types"]
+    assert d["active"].startswith("gen3d_a_red_wooden") and d["selected"] == sorted(d["new"])
+    assert d["collections"] == ["Collection"]  # the active collection of the default scene
+    assert d["material"] and d["images"] and all(d["packed"]) and d["base_color_linked"]
+    # placement: at the cursor, rotated about Z so that the front (-Y) points at the camera
+    cur, cam = np.array(d["cursor"]), np.array(d["camera"])
+    angle = math.atan2(cam[0] - cur[0], -(cam[1] - cur[1]))
+    m = np.array(d["matrix"])
+    c, s = math.cos(angle), math.sin(angle)
+    expected = np.array([[c, -s, 0, cur[0]], [s, c, 0, cur[1]], [0, 0, 1, cur[2]], [0, 0, 0, 1]])
+    np.testing.assert_allclose(m, expected, atol=1e-5)
+    front = m[:3, :3] @ np.array([0.0, -1.0, 0.0])
+    to_cam = (cam - cur)[:2] / np.linalg.norm((cam - cur)[:2])
+    np.testing.assert_allclose(front[:2], to_cam, atol=1e-5)
+    world = np.array(d["world"])
+    radius = np.linalg.norm(world - cur, axis=1)
+    assert radius.max() <= 1.0 + 1e-3 and radius.max() > 0.5  # fits the unit sphere around the cursor
+    assert d["info"]["prompt"] == "a red wooden chair" and d["info"]["job"]
+    assert d["undo_restores"] and d["redo_restores"], "one undo step must remove the whole result"
+    if stub:
+        np.testing.assert_allclose(radius, 1.0, atol=1e-4)
+        # the stand-in's icosphere, rotated and moved: every vertex where it should be
+        verts, _ = icosphere(2)
+        R = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+        want = verts @ R.T + cur
+        dist = np.linalg.norm(world[:, None, :] - want[None, :, :], axis=2).min(axis=1)
+        assert dist.max() < 1e-4
+        meta = d["info"]["metadata"]
+        assert meta["seed"] == 3 and meta["quality"] == "draft" and meta["texture_size"] == 512 and meta["refine"]
+        assert d["image_size"] == [32, 32]
+
+
+IMAGE_SCRIPT = r'''
+enable_source_addon()
+p = prefs(); p.endpoint = ARGS["endpoint"]
+scene = bpy.context.scene
+clear_objects(keep=("Camera",))
+scene.cursor.location = (0.0, 0.0, 0.0)
+s = scene.gen3d
+s.extra_params = ARGS.get("extra", "")
+w, h = 64, 48
+img = bpy.data.images.new("reference", w, h, alpha=True)
+px = np.zeros((h, w, 4), np.float32)
+px[..., 0] = 1.0; px[..., 1] = 0.5; px[..., 3] = 0.0
+px[10:30, 20:40, 3] = 1.0          # an opaque square on a transparent background
+px[h - 1, :, 2] = 1.0              # Blender's first row is the bottom one: blue bottom row
+img.pixels.foreach_set(px.ravel())
+s.image = img
+s.reference_elevation = math.radians(15.0)
+out = {}
+res = bpy.ops.gen3d.image_to_3d()
+mgr = addon_module().manager.MANAGER
+obj = bpy.context.view_layer.objects.active
+out["first"] = dict(result=sorted(res), name=obj.name, info=json.loads(obj.get("gen3d", "{}")), outcome=mgr.outcome.state)
+# an image empty as the active object wins over the panel's image
+img2 = bpy.data.images.new("empty_image", 40, 40, alpha=False)
+img2.pixels.foreach_set(np.full(40 * 40 * 4, 0.25, np.float32))
+bpy.ops.object.empty_add(type="IMAGE", location=(5, 5, 0))
+empty = bpy.context.active_object
+empty.data = img2
+res = bpy.ops.gen3d.image_to_3d()
+obj = bpy.context.view_layer.objects.active
+out["second"] = dict(result=sorted(res), name=obj.name, info=json.loads(obj.get("gen3d", "{}")))
+emit(**out)
+'''
+
+
+def test_image_to_3d_sends_the_reference_image_pixels(blender, backend_server):
+    endpoint, stub = need(backend_server, "image_to_3d")
+    d = blender.run("import math\nimport numpy as np\n" + IMAGE_SCRIPT, {"endpoint": endpoint, "extra": fast(stub)}, timeout=SESSION_TIMEOUT).data
+    first, second = d["first"], d["second"]
+    assert first["result"] == ["FINISHED"] and first["outcome"] == "done"
+    assert first["name"].startswith("gen3d_reference")
+    assert second["result"] == ["FINISHED"] and second["name"].startswith("gen3d_empty_image")
+    assert first["info"]["image"] == "reference" and second["info"]["image"] == "empty_image"
+    if stub:
+        m1, m2 = first["info"]["metadata"], second["info"]["metadata"]
+        assert m1["image_size"] == [64, 48] and m1["image_mode"] == "RGBA"
+        assert m1["reference_elevation"] == pytest.approx(15.0)
+        mean = np.array(m1["image_mean"])
+        opaque = 20 * 20 / (64 * 48)
+        assert mean[3] == pytest.approx(255 * opaque, abs=0.6)
+        assert mean[0] == pytest.approx(255, abs=0.6)
+        assert m2["image_size"] == [40, 40] and m2["image_mode"] == "RGB"  # no real alpha: RGB
+        assert m2["image_mean"][0] == pytest.approx(round(0.25 * 255), abs=1)  # byte image: sent as stored
+
+
+REFINE_SCRIPT = r'''
+import numpy as np
+enable_source_addon()
+p = prefs(); p.endpoint = ARGS["endpoint"]
+scene = bpy.context.scene
+clear_objects(keep=("Camera",))
+s = scene.gen3d
+s.extra_params = ARGS.get("extra", "")
+out = {}
+
+def positions(o):
+    a = np.empty(len(o.data.vertices) * 3, np.float32)
+    o.data.vertices.foreach_get("co", a)
+    return a
+
+def uvs(o, name):
+    a = np.empty(len(o.data.loops) * 2, np.float32)
+    o.data.uv_layers[name].data.foreach_get("uv", a)
+    return a.reshape(-1, 2)
+
+# a transformed cube with UVs and an image-textured material
+bpy.ops.mesh.primitive_cube_add(size=1.0, location=(2.0, -1.0, 0.5), rotation=(0.3, 0.0, 0.7))
+cube = bpy.context.active_object
+cube.scale = (1.0, 2.0, 0.5)
+old_img = bpy.data.images.new("old_texture", 16, 16)
+old_img.pixels.foreach_set(np.tile([0.2, 0.2, 0.9, 1.0], 256).astype(np.float32))
+mat = bpy.data.materials.new("cube_mat")
+if bpy.app.version < (5, 0, 0):
+    mat.use_nodes = True
+tex = mat.node_tree.nodes.new("ShaderNodeTexImage"); tex.image = old_img
+bsdf = next(n for n in mat.node_tree.nodes if n.type == "BSDF_PRINCIPLED")
+mat.node_tree.links.new(tex.outputs["Color"], bsdf.inputs["Base Color"])
+cube.data.materials.append(mat)
+cam2 = bpy.data.objects.new("Cam2", bpy.data.cameras.new("Cam2")); scene.collection.objects.link(cam2)
+cam2.location = (0, -6, 1)
+bpy.context.view_layer.update()
+bpy.ops.object.select_all(action="DESELECT")
+cam2.select_set(True); cube.select_set(True); bpy.context.view_layer.objects.active = cube
+s.refine_prompt = "green moss"; s.refine_cameras = "SELECTED"; s.texture_size = "256"
+pos_before = positions(cube)
+uv_before = uvs(cube, cube.data.uv_layers.active.name)
+bbox = [list(cube.matrix_world @ v.co) for v in cube.data.vertices]
+bpy.ops.ed.undo_push(message="before refine")
+res = bpy.ops.gen3d.refine_texture()
+bpy.ops.ed.undo()
+c = bpy.data.objects["Cube"]
+out["undo"] = dict(uv_layers=[l.name for l in c.data.uv_layers], material=c.active_material.name)
+bpy.ops.ed.redo()
+# undo/redo reload the data: fetch fresh references
+scene = bpy.context.scene
+s = scene.gen3d
+s.extra_params = ARGS.get("extra", "")
+cube = bpy.data.objects["Cube"]
+cam2 = bpy.data.objects["Cam2"]
+old_img = bpy.data.images["old_texture"]
+mgr = addon_module().manager.MANAGER
+new_mat = cube.active_material
+bsdf = next(n for n in new_mat.node_tree.nodes if n.type == "BSDF_PRINCIPLED")
+img = bsdf.inputs["Base Color"].links[0].from_node.image
+ipx = np.empty(img.size[0] * img.size[1] * 4, np.float32); img.pixels.foreach_get(ipx)
+out["cube"] = dict(
+    result=sorted(res), outcome=mgr.outcome.state, message=mgr.outcome.message,
+    positions_equal=bool(np.array_equal(pos_before, positions(cube))),
+    polygons=len(cube.data.polygons), uv_layers=[l.name for l in cube.data.uv_layers],
+    active_uv=cube.data.uv_layers.active.name, uv_same=bool(np.allclose(uvs(cube, "gen3d"), uv_before, atol=1e-6)),
+    material=new_mat.name, slots=[sl.material.name for sl in cube.material_slots], old_mat_exists="cube_mat" in bpy.data.materials,
+    old_image_users=bpy.data.images["old_texture"].users,
+    old_image_in_new_mat=any(n.type == "TEX_IMAGE" and n.image == old_img for n in new_mat.node_tree.nodes),
+    image=img.name, packed=bool(img.packed_file), image_mean=[float(x) for x in ipx.reshape(-1, 4).mean(0)],
+    uvmap_node=[n.uv_map for n in new_mat.node_tree.nodes if n.type == "UVMAP"],
+    info=json.loads(cube.get("gen3d", "{}")), bbox=bbox, cam2=[list(r) for r in cam2.matrix_world],
+    selected=sorted(o.name for o in bpy.context.selected_objects), active=bpy.context.view_layer.objects.active.name,
+)
+# a triangle mesh without UVs and without material: per-corner UVs from the backend land on its loops
+bpy.ops.mesh.primitive_ico_sphere_add(subdivisions=2, radius=0.7, location=(-2, 0, 0))
+ico = bpy.context.active_object
+while ico.data.uv_layers:
+    ico.data.uv_layers.remove(ico.data.uv_layers[0])
+s.refine_cameras = "NONE"; s.refine_prompt = "orange clay"
+pos_before = positions(ico)
+res = bpy.ops.gen3d.refine_texture()
+out["ico"] = dict(result=sorted(res), outcome=mgr.outcome.state, message=mgr.outcome.message,
+                  positions_equal=bool(np.array_equal(pos_before, positions(ico))),
+                  uv_layers=[l.name for l in ico.data.uv_layers], slots=[sl.material.name for sl in ico.material_slots],
+                  info=json.loads(ico.get("gen3d", "{}")))
+uv = uvs(ico, "gen3d")
+loc = np.empty(len(ico.data.loops) * 3, np.float32)
+out["ico"]["uv_in_unit_square"] = bool(uv.min() >= 0.0 and uv.max() <= 1.0 and uv.std() > 0.05)
+# topology-changing modifier and no UVs: refused before sending, scene untouched
+bpy.ops.mesh.primitive_cube_add(size=1.0, location=(0, 3, 0))
+sub = bpy.context.active_object
+sub.data.uv_layers.remove(sub.data.uv_layers[0])
+sub.modifiers.new("subsurf", "SUBSURF")
+n_before = len(bpy.data.objects)
+try:
+    bpy.ops.gen3d.refine_texture()
+    out["modifier_error"] = None
+except RuntimeError as exc:
+    out["modifier_error"] = str(exc)
+out["modifier_untouched"] = len(sub.data.uv_layers) == 0 and len(bpy.data.objects) == n_before
+emit(**out)
+'''
+
+
+def test_refine_texture_changes_the_texture_and_keeps_the_geometry(blender, backend_server):
+    endpoint, stub = need(backend_server, "refine_texture")
+    d = blender.run(REFINE_SCRIPT, {"endpoint": endpoint, "extra": fast(stub)}, timeout=SESSION_TIMEOUT).data
+    cube = d["cube"]
+    assert cube["result"] == ["FINISHED"] and cube["outcome"] == "done", cube["message"]
+    assert d["undo"] == {"uv_layers": ["UVMap"], "material": "cube_mat"}  # one undo step reverts the refinement
+    assert cube["positions_equal"] and cube["polygons"] == 6
+    assert cube["uv_layers"] == ["UVMap", "gen3d"] and cube["active_uv"] == "gen3d"
+    assert cube["material"] == "Cube_gen3d" and cube["slots"] == ["Cube_gen3d"]
+    assert cube["old_mat_exists"] and cube["old_image_users"] >= 1 and cube["old_image_in_new_mat"]
+    assert cube["image"] == "Cube_gen3d" and cube["packed"]
+    assert cube["uvmap_node"] == ["gen3d"]
+    assert cube["selected"] == ["Cube"] and cube["active"] == "Cube"
+    ico = d["ico"]
+    assert ico["result"] == ["FINISHED"] and ico["outcome"] == "done", ico["message"]
+    assert ico["positions_equal"] and ico["uv_layers"] == ["gen3d"] and ico["slots"] == ["Icosphere_gen3d"]
+    assert ico["uv_in_unit_square"]
+    assert d["modifier_error"] and "modifiers" in d["modifier_error"] and d["modifier_untouched"]
+    if stub:
+        meta = cube["info"]["metadata"]
+        assert meta["uv_source"] == "input" and cube["uv_same"]  # the backend kept the mesh's own UVs
+        assert meta["had_texture"] and meta["had_uv"] and meta["triangles"] == 12 and not meta["has_image"]
+        assert meta["prompt"] == "green moss" and meta["texture_size"] == 256
+        assert len(meta["cameras"]) == 1 and meta["cameras"][0]["name"] == "Cam2"
+        np.testing.assert_allclose(meta["cameras"][0]["transform_matrix"], cube["cam2"], atol=1e-6)
+        for k in ("lens", "sensor_width", "sensor_height", "sensor_fit", "w", "h"):
+            assert k in meta["cameras"][0]
+        mean = cube["image_mean"]
+        assert mean[1] > 0.5 and mean[0] < 0.3  # the new (green) texture, not the old blue one
+        assert ico["info"]["metadata"]["uv_source"] == "xatlas"
+
+
+# --------------------------------------------------------------------------- cancel, through the UI's own path
+
+CANCEL_SCRIPT = r'''
+import numpy as np
+enable_source_addon()
+p = prefs(); p.endpoint = ARGS["endpoint"]
+mod = addon_module()
+mgr = mod.manager.MANAGER
+mgr.blocking = False           # what the UI does: the operator returns at once, a timer follows the job
+timer = mod.manager._timer
+scene = bpy.context.scene
+scene.gen3d.prompt = "a slow statue"
+before = object_names()
+t0 = time.time()
+res = bpy.ops.gen3d.generate_from_text()
+op_seconds = time.time() - t0
+out = dict(result=sorted(res), op_seconds=op_seconds, timer_registered=bpy.app.timers.is_registered(timer))
+# Blender would call the timer; background mode has no event loop, so call it as Blender would
+intervals = []
+t0 = time.time()
+while time.time() - t0 < ARGS["wait"]:
+    intervals.append(timer())
+    if mgr.job is not None and mgr.job.fraction >= ARGS["min_fraction"] and (mgr.job.preview_png or not ARGS["stub"]):
+        break
+    time.sleep(0.05)
+job = mgr.job
+out["running"] = dict(stage=job.stage, fraction=job.fraction, has_preview=bool(job.preview_png), job_id=job.job_id,
+                      phase=job.phase)
+# what the panel shows right now
+calls = []
+class Rec:
+    def __init__(self): object.__setattr__(self, "attrs", {})
+    def __setattr__(self, k, v): self.attrs[k] = v
+    def _add(self, *a): calls.append(list(a)); return Rec()
+    def label(self, text="", icon="NONE", **k): return self._add("label", text, icon)
+    def prop(self, data, name, **k): return self._add("prop", name)
+    def operator(self, idname, **k): return self._add("operator", idname)
+    def progress(self, factor=0.0, type="BAR", text=""): return self._add("progress", factor, text)
+    def template_icon(self, icon_value=0, scale=1.0): return self._add("template_icon", icon_value)
+    def row(self, **k): return Rec()
+    column = box = split = row
+    def panel(self, idname, default_closed=False): return Rec(), None
+class FakePanel:
+    layout = Rec()
+mod.ui.GEN3D_PT_generate_text.draw(FakePanel(), bpy.context)
+out["drawn"] = calls
+res = bpy.ops.gen3d.cancel()
+out["cancel"] = sorted(res)
+t0 = time.time()
+while mgr.job is not None and time.time() - t0 < 20:
+    intervals.append(timer())
+    time.sleep(0.05)
+out["last_interval"] = intervals[-1]
+out["outcome"] = mgr.outcome.state
+out["message"] = mgr.outcome.message
+out["objects_same"] = object_names() == before
+out["timer_after"] = bpy.app.timers.is_registered(timer)
+# the backend agrees
+client = mod.wire.C.Client(ARGS["endpoint"], timeout=5)
+out["backend_state"] = client.status(out["running"]["job_id"])["state"]
+client.close()
+emit(**out)
+'''
+
+
+def test_cancel_mid_job_leaves_the_scene_as_it_was(blender, backend_server):
+    endpoint, stub = need(backend_server, "text_to_3d")
+    args = {"endpoint": endpoint, "stub": stub, "wait": 15 if stub else 300, "min_fraction": 0.25 if stub else 0.01}
+    r = blender.run(CANCEL_SCRIPT, args, timeout=SESSION_TIMEOUT)
+    d = r.data
+    assert d["result"] == ["FINISHED"] and d["op_seconds"] < 0.5, "the UI path must not block"
+    assert d["timer_registered"]
+    run = d["running"]
+    assert run["phase"] == "running" and run["job_id"] and run["fraction"] >= args["min_fraction"]
+    assert run["has_preview"] or not stub
+    kinds = [c[0] for c in d["drawn"]]
+    progress = [c for c in d["drawn"] if c[0] == "progress"]
+    assert progress and progress[0][1] == pytest.approx(run["fraction"]) and "%" in progress[0][2]
+    assert ("template_icon" in kinds or not stub) and ["operator", "gen3d.cancel"] in d["drawn"]
+    assert d["cancel"] == ["FINISHED"]
+    assert d["outcome"] == "cancelled" and d["objects_same"]
+    assert d["last_interval"] is None  # the timer callback asks Blender to remove it
+    assert d["backend_state"] == "cancelled"
+
+
+# --------------------------------------------------------------------------- errors where the user looks
+
+UNREACHABLE_SCRIPT = r'''
+enable_source_addon()
+mod = addon_module()
+mgr = mod.manager.MANAGER
+p = prefs(); p.endpoint = ARGS["endpoint"]; p.timeout = 1.0
+bpy.context.scene.gen3d.prompt = "anything"
+before = object_names()
+out = {}
+t0 = time.time()
+try:
+    res = bpy.ops.gen3d.generate_from_text()
+    out["blocking"] = dict(result=sorted(res))
+except RuntimeError as exc:
+    out["blocking"] = dict(error=str(exc))
+out["blocking"].update(seconds=time.time() - t0, outcome=mgr.outcome.state, code=mgr.outcome.code,
+                       message=mgr.outcome.message, hint=mgr.outcome.hint, panel=mgr.outcome.panel)
+# the UI path: the error arrives in the timer and goes to the status bar (the report operator) and the panel
+mgr.blocking = False
+reports = []
+orig_notify = mgr.notify
+mgr.notify = lambda o: (reports.append([o.state, o.message]), orig_notify(o))
+t0 = time.time()
+res = bpy.ops.gen3d.generate_from_text()
+op_seconds = time.time() - t0
+while mgr.job is not None and time.time() - t0 < 10:
+    mod.manager._timer(); time.sleep(0.05)
+out["async"] = dict(result=sorted(res), op_seconds=op_seconds, seconds=time.time() - t0, outcome=mgr.outcome.state,
+                    code=mgr.outcome.code, reports=reports)
+mgr.blocking = None
+# a remote endpoint while Blender's online access is off: refused without any connection
+p.endpoint = "tcp://192.0.2.10:5555"
+try:
+    bpy.ops.gen3d.generate_from_text()
+    out["online"] = dict(error=None)
+except RuntimeError as exc:
+    out["online"] = dict(error=str(exc), code=mgr.outcome.code, online_access=bpy.app.online_access)
+# no prompt: told what to do
+p.endpoint = ARGS["endpoint"]
+bpy.context.scene.gen3d.prompt = "  "
+try:
+    bpy.ops.gen3d.generate_from_text()
+    out["no_prompt"] = None
+except RuntimeError as exc:
+    out["no_prompt"] = str(exc)
+out["objects_same"] = object_names() == before
+emit(**out)
+'''
+
+
+def test_unreachable_backend_gives_a_clear_report_and_no_traceback(blender):
+    endpoint = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
+    r = blender.run(UNREACHABLE_SCRIPT, {"endpoint": endpoint})
+    d = r.data
+    b = d["blocking"]
+    assert "error" in b and "No answer from the backend" in b["error"] and endpoint in b["error"]
+    assert "Start the backend" in b["error"]  # what to do, in the report itself
+    assert b["outcome"] == "error" and b["code"] == "unreachable" and b["panel"] == "TEXT" and b["hint"]
+    assert b["seconds"] < 5.0
+    a = d["async"]
+    assert a["result"] == ["FINISHED"] and a["op_seconds"] < 0.5, "an unreachable backend must not freeze the UI"
+    assert a["outcome"] == "error" and a["code"] == "unreachable" and a["reports"][0][0] == "error"
+    assert d["online"]["error"] and "online access" in d["online"]["error"].lower()
+    assert d["online"]["code"] == "online_access" and d["online"]["online_access"] is False
+    assert d["no_prompt"] and "prompt" in d["no_prompt"].lower()
+    assert d["objects_same"]
+    assert "Traceback" not in r.stdout and "Traceback" not in r.stderr, r.stdout + r.stderr
+
+
+# --------------------------------------------------------------------------- panels per state
+
+DRAW_SCRIPT = r'''
+import numpy as np
+from types import SimpleNamespace
+enable_source_addon()
+mod = addon_module()
+M = mod.manager
+mgr = M.MANAGER
+ui = mod.ui
+
+class Rec:
+    """A stand-in for UILayout that records what the panel draws."""
+    def __init__(self, log, path):
+        object.__setattr__(self, "_log", log); object.__setattr__(self, "_path", path)
+        object.__setattr__(self, "attrs", {})
+    def __setattr__(self, k, v):
+        self.attrs[k] = v
+        self._log.append(dict(call="set", path=self._path, name=k, value=v))
+    def _add(self, call, **kw):
+        kw = {k: (v if isinstance(v, (str, int, float, bool, type(None))) else repr(v)) for k, v in kw.items()}
+        self._log.append(dict(call=call, path=self._path, **kw))
+        return Rec(self._log, self._path + "/" + call)
+    def label(self, text="", icon="NONE", **k): return self._add("label", text=text, icon=icon)
+    def prop(self, data, prop, text=None, **k): return self._add("prop", prop=prop, enabled=self.attrs.get("enabled", True))
+    def operator(self, idname, text=None, icon="NONE", **k):
+        self._add("operator", idname=idname, enabled=self.attrs.get("enabled", True)); return SimpleNamespace()
+    def progress(self, factor=0.0, type="BAR", text=""): return self._add("progress", factor=factor, text=text)
+    def template_icon(self, icon_value=0, scale=1.0): return self._add("template_icon", icon_value=icon_value)
+    def template_ID(self, data, prop, **k): return self._add("template_ID", prop=prop, open=k.get("open"))
+    def template_ID_preview(self, data, prop, **k): return self._add("template_ID_preview", prop=prop)
+    def template_preview(self, *a, **k): return self._add("template_preview")
+    def separator(self, **k): return self._add("separator")
+    def row(self, **k): return self._add("row")
+    def column(self, **k): return self._add("column")
+    def box(self): return self._add("box")
+    def split(self, **k): return self._add("split")
+    def panel(self, idname, default_closed=False):
+        self._add("panel", idname=idname)
+        return Rec(self._log, self._path + "/header"), Rec(self._log, self._path + "/body")
+
+def draw(panel_cls):
+    log = []
+    panel_cls.draw(SimpleNamespace(layout=Rec(log, "")), bpy.context)
+    return log
+
+def draw_prefs():
+    log = []
+    mod.prefs.draw_preferences(prefs(), Rec(log, ""))
+    return log
+
+out = {}
+names = ("GEN3D_PT_generate_text", "GEN3D_PT_image_to_3d", "GEN3D_PT_refine_texture")
+panels = [getattr(ui, n) for n in names]
+bpy.ops.object.select_all(action="DESELECT")
+bpy.context.view_layer.objects.active = bpy.data.objects["Cube"]
+out["idle"] = {p.bl_idname: draw(p) for p in panels}
+# running, with progress and a preview
+png = mod.png.encode_png(np.full((16, 16, 3), 200, np.uint8))
+mgr.job = M.Job(kind="text_to_3d", label="Generate from text", panel="TEXT", phase=M.RUNNING, stage="novel_views",
+                fraction=0.42, message="view 3 of 8", preview_png=png, preview_serial=1)
+out["running"] = {p.bl_idname: draw(p) for p in panels}
+mgr.job.phase, mgr.job.stage = M.CONNECTING, "connecting"
+out["connecting"] = draw(ui.GEN3D_PT_generate_text)
+mgr.job = None
+# an error from the backend
+mgr.outcome = M.Outcome("error", "REFINE", "Refine texture", "model 'sd-turbo' is not on the server",
+                        mod.hints.hint_for("model_missing"), "model_missing")
+out["error"] = {p.bl_idname: draw(p) for p in panels}
+mgr.outcome = M.Outcome("done", "TEXT", "Generate from text", "Imported 'gen3d_chair' (320 faces)")
+out["done"] = draw(ui.GEN3D_PT_generate_text)
+mgr.outcome = None
+# the image panel with an image empty active
+img = bpy.data.images.new("ref", 32, 32)
+bpy.ops.object.empty_add(type="IMAGE")
+bpy.context.active_object.data = img
+out["image_empty"] = draw(ui.GEN3D_PT_image_to_3d)
+bpy.context.scene.gen3d.image = img
+bpy.context.view_layer.objects.active = bpy.data.objects["Cube"]
+out["image_chosen"] = draw(ui.GEN3D_PT_image_to_3d)
+# preferences: the connection test's result
+mgr.server_info = {"endpoint": "tcp://127.0.0.1:5555", "server": "0.1.0", "protocol": 1, "preset": "tiny",
+                   "device": {"device": "cuda", "gpu_name": "NVIDIA H100"}, "versions": {"torch": "2.13.0"},
+                   "job_kinds": {"diagnose": {}}}
+out["prefs"] = draw_prefs()
+emit(**out)
+'''
+
+
+def _calls(log, call, **match):
+    return [e for e in log if e["call"] == call and all(e.get(k) == v for k, v in match.items())]
+
+
+def test_panels_show_the_controls_for_each_state(blender):
+    d = blender.run(DRAW_SCRIPT).data
+    text, image, refine = "GEN3D_PT_generate_text", "GEN3D_PT_image_to_3d", "GEN3D_PT_refine_texture"
+    idle = d["idle"]
+    assert _calls(idle[text], "prop", prop="prompt") and _calls(idle[text], "operator", idname="gen3d.generate_from_text")
+    assert _calls(idle[text], "panel", idname="gen3d_text_settings")
+    assert {e["prop"] for e in _calls(idle[text], "prop")} >= {"prompt", "quality", "faces", "texture_size", "refine",
+                                                                "seed", "negative_prompt"}
+    assert _calls(idle[image], "template_ID", prop="image", open="image.open")
+    assert _calls(idle[image], "operator", idname="gen3d.image_to_3d")
+    assert _calls(idle[image], "prop", prop="reference_elevation")
+    assert _calls(idle[refine], "prop", prop="refine_prompt") and _calls(idle[refine], "prop", prop="refine_cameras")
+    assert _calls(idle[refine], "template_ID", prop="refine_image")
+    assert _calls(idle[refine], "label", text="Mesh: Cube (6 faces)")
+    assert _calls(idle[refine], "operator", idname="gen3d.refine_texture")
+    for log in idle.values():
+        assert not _calls(log, "progress") and not _calls(log, "operator", idname="gen3d.cancel")
+
+    run = d["running"]
+    prog = _calls(run[text], "progress")
+    assert len(prog) == 1 and prog[0]["factor"] == pytest.approx(0.42) and "Novel views" in prog[0]["text"] \
+        and "42%" in prog[0]["text"]
+    assert _calls(run[text], "label", text="view 3 of 8")
+    assert _calls(run[text], "template_icon")  # the preview (its icon id is 0 in background mode)
+    assert _calls(run[text], "operator", idname="gen3d.cancel")
+    assert _calls(run[text], "operator", idname="gen3d.generate_from_text", enabled=False)  # greyed out while busy
+    for other in (image, refine):
+        assert not _calls(run[other], "progress") and not _calls(run[other], "operator", idname="gen3d.cancel")
+    conn = d["connecting"]
+    assert _calls(conn, "progress") and "Connecting" in _calls(conn, "progress")[0]["text"]
+
+    err = d["error"]
+    labels = _calls(err[refine], "label")
+    assert any("sd-turbo" in e["text"] and e["icon"] == "ERROR" for e in labels)
+    assert any("prefetch" in e["text"] for e in labels)  # what to do
+    assert any(e["call"] == "set" and e["name"] == "alert" and e["value"] is True for e in err[refine])
+    assert _calls(err[refine], "operator", idname="gen3d.dismiss")
+    assert not any("sd-turbo" in e.get("text", "") for e in err[text] + err[image])
+    assert any(e["icon"] == "CHECKMARK" and "gen3d_chair" in e["text"] for e in _calls(d["done"], "label"))
+
+    assert _calls(d["image_empty"], "label", text="Image empty: Empty", icon="IMAGE_REFERENCE")
+    assert not _calls(d["image_empty"], "template_ID") and _calls(d["image_empty"], "template_icon")
+    assert _calls(d["image_chosen"], "template_ID", prop="image")
+    assert any(e["text"].startswith("ref: 32 x 32") for e in _calls(d["image_chosen"], "label"))
+
+    prefs = d["prefs"]
+    assert {e["prop"] for e in _calls(prefs, "prop")} >= {"endpoint", "timeout", "server_key", "auto_start",
+                                                          "python_path", "preset", "port"}
+    assert _calls(prefs, "operator", idname="gen3d.test_connection")
+    assert _calls(prefs, "operator", idname="gen3d.start_backend")
+    texts = " | ".join(e["text"] for e in _calls(prefs, "label"))
+    assert "NVIDIA H100" in texts and "torch 2.13.0" in texts and "text_to_3d" in texts
+
+
+# --------------------------------------------------------------------------- auto-started local backend
+
+AUTOSTART_SCRIPT = r'''
+import subprocess
+enable_source_addon()
+mod = addon_module()
+mgr = mod.manager.MANAGER
+p = prefs()
+p.auto_start = True
+p.python_path = ARGS["python"]; p.backend_dir = ARGS["root"]; p.preset = "tiny"; p.port = ARGS["port"]
+p.start_timeout = 90.0
+t0 = time.time()
+res = bpy.ops.gen3d.test_connection()
+out = dict(result=sorted(res), seconds=time.time() - t0, outcome=mgr.outcome.state, message=mgr.outcome.message)
+info = mgr.server_info or {}
+out.update(endpoint=info.get("endpoint"), preset=info.get("preset"), device=(info.get("device") or {}).get("device"),
+           versions=sorted((info.get("versions") or {}).keys()), alive=mgr.backend_alive(), pid=mgr.backend.pid)
+proc = mgr.backend.proc
+bpy.ops.preferences.addon_disable(module=ADDON)
+try:
+    proc.wait(10)
+except subprocess.TimeoutExpired:
+    pass
+out["exit_code_after_disable"] = proc.poll()
+out["backend_after"] = mgr.backend is not None
+emit(**out)
+'''
+
+
+def test_auto_start_runs_the_local_backend_and_unregister_stops_it(blender):
+    port = free_port()
+    r = blender.run(AUTOSTART_SCRIPT, {"python": sys.executable, "root": str(ROOT), "port": port}, timeout=180)
+    d = r.data
+    assert d["result"] == ["FINISHED"] and d["outcome"] == "done", d
+    assert d["endpoint"] == f"tcp://127.0.0.1:{port}" and d["preset"] == "tiny" and d["device"] == "cpu"
+    assert "torch" in d["versions"] and d["alive"] and d["pid"]
+    assert d["exit_code_after_disable"] is not None, "disabling the add-on must stop the backend it started"
+    assert not d["backend_after"]
