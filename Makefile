@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m backend diagnose --out demo-diagnose.json
+	$(PY) -m backend generate --preset tiny --prompt "a red ceramic mug" --out demo.glb
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -226,7 +226,9 @@ def _models(ctx: JobContext):
 def _finish(result: GenerateResult, extra: dict) -> JobOutput:
     files = [Attachment("model.glb", "model/gltf-binary", write_glb(result.mesh)),
              Attachment("reference.png", "image/png", encode_png(result.reference))]
-    meta = {**result.stats, **extra, "normalization": result.normalization, "timings": result.timings}
+    extra = dict(extra)
+    timings = {"text_to_image": extra.pop("text_to_image_seconds")} if "text_to_image_seconds" in extra else {}
+    meta = {**result.stats, **extra, "normalization": result.normalization, "timings": {**timings, **result.timings}}
     return JobOutput(files, meta)
 
 
@@ -253,10 +255,12 @@ def _handle_text(inputs: JobInputs, ctx: JobContext) -> JobOutput:
     models = _models(ctx)
     q = QUALITY[p["quality"]]
     plan = ctx.progress.stages({"text_to_image": 10, "generate": 90})
+    t0 = time.perf_counter()
     image = text_to_image(models.stable_diffusion(), p["prompt"], p["negative_prompt"], p["steps"] or q["steps"],
                           p["guidance"], p["seed"], progress=plan["text_to_image"])
     plan["text_to_image"].update(1.0, "front view", encode_png(image))
-    return _generate(inputs, ctx, image, p["prompt"], {"prompt": p["prompt"], "models": models.describe()}, plan["generate"])
+    extra = {"prompt": p["prompt"], "models": models.describe(), "text_to_image_seconds": time.perf_counter() - t0}
+    return _generate(inputs, ctx, image, p["prompt"], extra, plan["generate"])
 
 
 def _handle_image(inputs: JobInputs, ctx: JobContext) -> JobOutput:
