@@ -21,7 +21,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,45 +222,15 @@ class StubServer:
         self.server.stop()
 
 
-class ServeProcess:
-    """``python -m backend serve --port 0 ...`` in a subprocess (the real backend)."""
-
-    def __init__(self, args: list[str], timeout: float = 120.0):
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "backend", "serve", "--port", "0", *args], cwd=ROOT,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        self.lines: list[str] = []
-        self.endpoint = None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            self.lines.append(line)
-            if "listening on" in line:
-                self.endpoint = line.strip().split("listening on ")[1]
-                break
-        if self.endpoint is None:
-            self.proc.kill()
-            raise RuntimeError("backend did not start:\n" + "".join(self.lines))
-        threading.Thread(target=lambda: [self.lines.append(x) for x in self.proc.stdout], daemon=True).start()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-
 def start_backend(jobs_dir: Path):
     """(endpoint, stop function, is_stub) per GEN3D_ADDON_BACKEND."""
     mode = os.environ.get("GEN3D_ADDON_BACKEND", "real").strip()
     if mode.startswith(("tcp://", "ipc://")):
         return mode, (lambda: None), False
     if mode == "real":
-        sp = ServeProcess(["--jobs-dir", str(jobs_dir), "--preset", "tiny"])
+        from conftest import ServerProcess
+
+        sp = ServerProcess(["--jobs-dir", str(jobs_dir), "--preset", "tiny"], timeout=120.0)
         return sp.endpoint, sp.stop, False
     srv = StubServer(jobs_dir)
     return srv.endpoint, srv.stop, True
