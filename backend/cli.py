@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -228,6 +229,36 @@ def write_outputs(files: dict[str, bytes], mapping: dict[str, str | None]) -> li
 # verbs
 
 
+def watch_parent(pid: int, stop: threading.Event, interval: float = 1.0) -> threading.Thread:
+    """Set ``stop`` once process ``pid`` has ended (a crashed Blender leaves no orphan backend).
+
+    The process is identified by pid and start time, so a recycled pid does not keep the server alive.
+    """
+    import psutil
+
+    try:
+        born = psutil.Process(pid).create_time()
+    except psutil.Error:
+        raise ValueError(f"--parent-pid {pid}: no such process") from None
+
+    def alive() -> bool:
+        try:
+            proc = psutil.Process(pid)
+            return proc.create_time() == born and proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def loop() -> None:
+        while not stop.wait(interval):
+            if not alive():
+                logging.getLogger("gen3d").warning("parent process %d has ended; shutting down", pid)
+                stop.set()
+
+    t = threading.Thread(target=loop, name="gen3d-parent-watch", daemon=True)
+    t.start()
+    return t
+
+
 def cmd_serve(args) -> int:
     from .jobs import Limits
     from .server import ConfigError, Server, ServerConfig, default_jobs_dir
@@ -266,6 +297,12 @@ def cmd_serve(args) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    if args.parent_pid:
+        try:
+            watch_parent(args.parent_pid, server._stop)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     try:
         server.serve_forever()
     except ConfigError as exc:
@@ -421,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-pixels", type=int, default=P.DEFAULT_MAX_IMAGE_PIXELS, help="largest accepted image, in pixels")
     p.add_argument("--keys", default=None, help="CurveZMQ key folder (python -m backend keys generate DIR); needed off loopback")
     p.add_argument("--authorized-clients", default=None, help="folder of client public keys allowed to connect")
+    p.add_argument("--parent-pid", type=int, default=None,
+                   help="shut down when this process ends (the add-on passes Blender's pid when it starts a backend)")
     p.set_defaults(func=cmd_serve)
 
     for name, fn, hlp in (("ping", cmd_ping, "check that a backend answers; prints the round-trip time"),

@@ -19,7 +19,9 @@ class BackendProcess:
         self.port = int(port)
         self.preset = preset
         self.cwd = cwd or None
-        self.args = [python, "-m", "backend", "serve", "--port", str(self.port), "--preset", preset, *(extra_args or [])]
+        # --parent-pid: the backend shuts itself down if Blender ends without stopping it (a crash)
+        self.args = [python, "-m", "backend", "serve", "--port", str(self.port), "--preset", preset,
+                     "--parent-pid", str(os.getpid()), *(extra_args or [])]
         self.lines: collections.deque[str] = collections.deque(maxlen=200)
         self.proc: subprocess.Popen | None = None
         self._reader: threading.Thread | None = None

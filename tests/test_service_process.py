@@ -121,3 +121,26 @@ def test_cancel_frees_the_jobs_memory(server_process):
         assert time.monotonic() - t0 < 1.0 + 2.0  # one 4096^3 matmul on 2 cores takes up to ~1-2 s
         after = c.status()["memory"]["process_rss_bytes"]
     assert after - base < 60e6, f"RSS {base / 1e6:.0f} MB before, {peak / 1e6:.0f} peak, {after / 1e6:.0f} after cancel"
+
+
+def test_serve_shuts_down_when_its_parent_process_ends(server_process):
+    parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        sp = server_process("--parent-pid", str(parent.pid))
+        with Client(sp.endpoint, timeout=5) as c:
+            assert c.ping() < 1.0
+        time.sleep(1.5)
+        assert sp.proc.poll() is None, "the server must keep running while its parent lives"
+    finally:
+        parent.kill()
+        parent.wait()
+    assert sp.proc.wait(timeout=15) == 0
+    assert "parent process" in sp.log()
+
+
+def test_serve_refuses_a_parent_pid_that_does_not_exist(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    r = cli("serve", "--port", "0", "--jobs-dir", str(tmp_path), "--parent-pid", str(dead.pid), timeout=60)
+    assert r.returncode == 2
+    assert "no such process" in r.stderr
