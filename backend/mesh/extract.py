@@ -169,8 +169,10 @@ def silhouette_iou(vertices: np.ndarray, faces: np.ndarray, views, max_views: in
     return float(np.mean(ious))
 
 
-# iso levels tried, as fractions of the density at the Gaussians' centres
-LEVEL_FRACTIONS = (0.03, 0.06, 0.12, 0.25, 0.5)
+# iso levels tried, as fractions of the density at the Gaussians' centres: a
+# geometric ladder (ratio 1.5) from about 0.003 to 0.5, searched from START
+LEVEL_FRACTIONS = tuple(0.03 * 1.5 ** i for i in range(-6, 8))
+LEVEL_START = 6
 
 
 def centre_density(grid: Grid, g: Gaussians, min_opacity: float = 0.3) -> float:
@@ -185,22 +187,36 @@ def centre_density(grid: Grid, g: Gaussians, min_opacity: float = 0.3) -> float:
 
 
 def calibrated_surface(grid: Grid, free: np.ndarray, views, reference: float | None = None,
-                       fractions=LEVEL_FRACTIONS) -> tuple[np.ndarray, np.ndarray, float, float]:
+                       fractions=LEVEL_FRACTIONS, start: int = LEVEL_START) -> tuple[np.ndarray, np.ndarray, float, float]:
     """The density's scale depends on how densely the Gaussians overlap, so no fixed
-    iso level fits every object: try levels at ``fractions`` of the ``reference``
-    density (the density at the Gaussians' centres) and keep the surface whose
-    silhouettes agree best with the views' masks. Returns (vertices, faces, level, IoU)."""
+    iso level fits every object: levels at ``fractions`` of the ``reference``
+    density (the density at the Gaussians' centres) are searched for the surface
+    whose silhouettes agree best with the views' masks. The agreement rises to one
+    peak and falls on either side (too high a level erodes the surface, too low a
+    one inflates it), so a hill climb from ``fractions[start]`` finds it in a few
+    marching-cubes runs. Returns (vertices, faces, level, IoU)."""
     ref = reference if reference is not None else float(np.percentile(grid.values, 99.9))
-    best = None
-    for frac in fractions:
-        level = frac * ref
-        try:
-            v, f = solid_surface(grid, free, level)
-        except ValueError:
-            continue  # the density never reaches this level
-        score = silhouette_iou(v, f, views)
-        if best is None or score > best[3]:
-            best = (v, f, level, score)
-    if best is None:
+    tried: dict[int, tuple | None] = {}
+
+    def at(i: int):
+        if i not in tried:
+            try:
+                v, f = solid_surface(grid, free, fractions[i] * ref)
+                tried[i] = (v, f, fractions[i] * ref, silhouette_iou(v, f, views))
+            except ValueError:
+                tried[i] = None  # the density never reaches this level
+        return tried[i]
+
+    def score(i: int) -> float:
+        r = at(i) if 0 <= i < len(fractions) else None
+        return -1.0 if r is None else r[3]
+
+    i = min(max(start, 0), len(fractions) - 1)
+    while score(i) < 0 and i > 0:  # no surface at all: lower the level
+        i -= 1
+    step = -1 if score(i - 1) > score(i) else 1
+    while score(i + step) > score(i):
+        i += step
+    if score(i) < 0:
         raise ValueError("no iso-surface found in the Gaussians' density")
-    return best
+    return tried[i]
