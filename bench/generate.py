@@ -32,7 +32,7 @@ from backend import device as dev  # noqa: E402
 from backend.generate import IMAGE_SPEC, TEXT_SPEC  # noqa: E402
 from backend.jobs import JobContext, Limits  # noqa: E402
 from backend.models.store import ModelStore  # noqa: E402
-from backend.models.tiny import _bytes_to_unicode, _scheduler_config  # noqa: E402
+from backend.models.tiny import _scheduler_config, byte_level_clip_tokenizer  # noqa: E402
 from backend.progress import Progress  # noqa: E402
 
 
@@ -54,15 +54,9 @@ def _sd_vae():
 
 def build_full_sd(out: Path) -> Path:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    chars = list(_bytes_to_unicode().values())
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    tok = CLIPTokenizer(vocab=vocab, merges=[])
-    tok.model_max_length = 77
+    tok, vocab = byte_level_clip_tokenizer()
     text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                         num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
                                         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"]))
