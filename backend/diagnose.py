@@ -19,6 +19,7 @@ class DiagnoseReport:
     device: dict
     memory: dict
     versions: dict
+    renderer: dict = field(default_factory=dict)
     bench: dict = field(default_factory=dict)
 
 
@@ -56,7 +57,9 @@ def matmul_bench(device: str, seconds: float, size: int, progress: Progress = NU
 
 def diagnose(device: str, bench_seconds: float = 0.0, bench_size: int = 512, progress: Progress = NULL) -> DiagnoseReport:
     bench = matmul_bench(device, bench_seconds, bench_size, progress) if bench_seconds > 0 else {}
-    return DiagnoseReport(dev.device_info(device), dev.memory_info(device), dev.versions(), bench)
+    from .gaussians.render import renderer_info
+
+    return DiagnoseReport(dev.device_info(device), dev.memory_info(device), dev.versions(), renderer_info(device), bench)
 
 
 def _handle(inputs: JobInputs, ctx: JobContext) -> JobOutput:

@@ -17,6 +17,7 @@ from . import cameras as cam
 from .dataset import PosedViews, views_from_meta
 from .gaussians.init import inside_hull
 from .gaussians.model import Gaussians, save_ply
+from .gaussians.render import renderer_name
 from .gaussians.train import TrainSettings, train_gaussians
 from .jobs import AttachmentSpec, InputError, JobContext, JobInputs, JobOutput, JobSpec, Param
 from .mesh.bake import BakeSettings, BakeView, bake_texture, sphere_cameras
@@ -149,6 +150,7 @@ def reconstruct(views: PosedViews, settings: ReconstructSettings | None = None, 
         "texture_coverage": float(covered.mean()),
         "bounds": [v.min(0).tolist(), v.max(0).tolist()],
         "device": str(device),
+        "renderer": renderer_name(device),
     }
     return ReconstructResult(mesh, g, timings, stats)
 

@@ -344,6 +344,7 @@ class Server:
             "preset": self.config.preset,
             "models": self.models.describe() if hasattr(self.models, "describe") else None,
             "device": dev.device_info(self.device),
+            "renderer": _renderer_info(self.device),
             "versions": dev.versions(),
             "limits": {
                 "max_message_bytes": self.config.limits.max_message_bytes,
@@ -527,6 +528,10 @@ class Server:
 
     # -- worker -----------------------------------------------------------------
     def _worker_loop(self) -> None:
+        if str(self.device).startswith("cuda"):
+            # decide gsplat vs the PyTorch renderer before the first job (a first
+            # gsplat use may compile its kernels for minutes); capabilities reads it
+            _renderer_info(self.device, check=True)
         push = self._ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, 0)
         push.connect(self._inproc)
@@ -645,3 +650,10 @@ def _preset_names() -> list[str]:
     from .models.presets import PRESETS
 
     return list(PRESETS)
+
+
+def _renderer_info(device: str, check: bool = False) -> dict:
+    """Which Gaussian rasterizer jobs use on ``device`` (never compiles gsplat unless ``check``)."""
+    from .gaussians.render import renderer_info
+
+    return renderer_info(device, check=check)

@@ -11,7 +11,8 @@ import torch
 
 from backend import cameras as cam
 from backend.gaussians.model import Gaussians, load_ply, save_ply
-from backend.gaussians.render import covariances, project, rasterize_torch
+from backend.gaussians import render as R
+from backend.gaussians.render import covariances, project, rasterize, rasterize_torch
 
 
 def scene(n=60, seed=0, dtype=torch.float32):
@@ -131,18 +132,175 @@ def test_ply_round_trip(tmp_path):
     np.testing.assert_allclose(h.params["quats"].numpy(), q.numpy(), atol=1e-6)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="parity with gsplat needs a CUDA GPU")
-def test_parity_with_gsplat():
-    from gsplat import rasterization
+def test_depth_modes_take_colour_backgrounds():
+    """One contract on both paths (gsplat's): ``backgrounds`` names the colour
+    channels only, the renderer gives depth a background of 0 itself."""
+    means, quats, log_scales, opac_logit, colors = scene()
+    vm, K, w, h = cameras()
+    args = (means, quats, log_scales.exp(), torch.sigmoid(opac_logit), colors, vm, K, w, h)
+    bg = torch.tensor([[1.0, 1.0, 1.0], [0.2, 0.4, 0.6]])
+    rgb, a, _ = rasterize_torch(*args, backgrounds=bg)
+    ed, _, _ = rasterize_torch(*args, render_mode="ED")
+    for mode in ("RGB+D", "RGB+ED"):
+        out, a2, _ = rasterize_torch(*args, backgrounds=bg, render_mode=mode)
+        assert out.shape == (2, h, w, 4)
+        np.testing.assert_allclose(out[..., :3].numpy(), rgb.numpy(), atol=1e-6)
+        if mode == "RGB+ED":
+            np.testing.assert_allclose(out[..., 3].numpy(), ed[..., 0].numpy(), atol=1e-5)
+        else:
+            np.testing.assert_allclose(out[..., 3].numpy(), (ed * a)[..., 0].numpy(), atol=1e-5)
+    d, _, _ = rasterize_torch(*args, backgrounds=bg, render_mode="ED")
+    np.testing.assert_allclose(d.numpy(), ed.numpy(), atol=1e-6)
+    # and through the model, which passes its background as colour only
+    g = Gaussians({"means": means, "quats": quats, "scales": log_scales, "opacities": opac_logit,
+                   "sh0": ((colors - 0.5) / R._SH_C0)[:, None, :]})
+    c2w = cam.viewmat_to_c2w(vm.numpy())
+    k = cam.Intrinsics(22.0, 23.0, 9.0, 7.5, w, h)
+    col, al, _ = g.render(c2w[:1], k, background=(0.2, 0.4, 0.6), render_mode="RGB+ED")
+    plain, _, _ = g.render(c2w[:1], k, background=(0.2, 0.4, 0.6))
+    assert col.shape[-1] == 4
+    np.testing.assert_allclose(col[..., :3].numpy(), plain.numpy(), atol=1e-6)
+    assert float(col[..., 3].max()) > 1.5  # depths, not a background colour
 
+
+class _FakeBackend:
+    """Stands in for ``gsplat.cuda._backend`` in ``sys.modules``."""
+
+    def __init__(self, ext):
+        self._C = ext
+
+
+@pytest.fixture
+def fresh_gsplat_probe():
+    R.reset_gsplat_status()
+    yield
+    R.reset_gsplat_status()
+
+
+def test_gsplat_without_its_compiled_extension_falls_back(monkeypatch, fresh_gsplat_probe, caplog):
+    """gsplat imports fine without a CUDA toolkit but sets its extension to None;
+    then the PyTorch renderer must run, and say so once."""
+    import sys
+
+    pytest.importorskip("gsplat")
+    monkeypatch.setitem(sys.modules, "gsplat.cuda._backend", _FakeBackend(None))
+    with caplog.at_level("WARNING", logger="gen3d.render"):
+        assert R.gsplat_available("cuda") is False
+        assert R.gsplat_available("cuda:0") is False
+        info = R.renderer_info("cuda")
+    assert info["renderer"] == "torch" and "not available" in info["gsplat"]
+    assert R.renderer_name("cuda") == "torch"
+    lines = [r for r in caplog.records if "PyTorch renderer" in r.getMessage()]
+    assert len(lines) == 1
+    assert R.renderer_info("cpu")["renderer"] == "torch"
+
+
+def test_gsplat_decision_is_probed_once(monkeypatch, fresh_gsplat_probe):
+    import sys
+
+    pytest.importorskip("gsplat")
+    monkeypatch.setitem(sys.modules, "gsplat.cuda._backend", _FakeBackend(object()))
+    assert R.gsplat_status(check=False) == (None, "not checked yet")
+    assert R.renderer_info("cuda", check=False)["renderer"] == "undecided"
+    assert R.gsplat_available("cuda") is True
+    assert R.renderer_info("cuda")["renderer"] == "gsplat"
+    # cached: a later change of the module is not seen until reset
+    monkeypatch.setitem(sys.modules, "gsplat.cuda._backend", _FakeBackend(None))
+    assert R.gsplat_available("cuda") is True
+    assert R.gsplat_available("cpu") is False
+
+
+def test_gsplat_build_failure_falls_back(monkeypatch, fresh_gsplat_probe):
+    import builtins
+
+    pytest.importorskip("gsplat")
+    real_import = builtins.__import__
+
+    def failing(name, globals=None, locals=None, fromlist=(), level=0):
+        if name == "gsplat.cuda" and fromlist and "_backend" in fromlist:
+            raise RuntimeError("Error building extension 'gsplat_cuda'\nninja: build stopped")
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr(builtins, "__import__", failing)
+    usable, why = R.gsplat_status()
+    assert usable is False and "failed to build or load" in why and "gsplat_cuda" in why
+
+
+def test_diagnose_reports_the_renderer():
+    from backend.diagnose import diagnose
+
+    rep = diagnose("cpu")
+    assert rep.renderer == {"renderer": "torch", "gsplat": "not used off CUDA"}
+
+
+needs_gsplat_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available() or not R.gsplat_status()[0],
+    reason="parity with gsplat needs a CUDA GPU and gsplat's compiled extension")
+
+
+def _gpu_scene(requires_grad=False):
     means, quats, log_scales, opac_logit, colors = [t.cuda() for t in scene(n=2000, seed=5)]
     means = means * 2
     vm, K, w, h = [x.cuda() if torch.is_tensor(x) else x for x in cameras(w=96, h=64)]
     K = K * 4
     K[:, 2, 2] = 1
+    params = [means, quats, log_scales, opac_logit, colors]
+    if requires_grad:
+        params = [p.clone().requires_grad_(True) for p in params]
+    return params, vm, K, w, h
+
+
+@pytest.mark.gpu
+@needs_gsplat_cuda
+def test_parity_with_gsplat():
+    from gsplat import rasterization
+
+    (means, quats, log_scales, opac_logit, colors), vm, K, w, h = _gpu_scene()
     args = (means, quats, log_scales.exp(), torch.sigmoid(opac_logit), colors, vm, K, w, h)
-    ours, oa, _ = rasterize_torch(*args)
-    ref, ra, _ = rasterization(*args, packed=False)
-    assert (ours - ref).abs().max().item() < 2e-3
-    assert (oa - ra).abs().max().item() < 2e-3
+    bg = torch.tensor([[1.0, 1.0, 1.0], [0.2, 0.4, 0.6]], device="cuda")
+    ours, oa, _ = rasterize_torch(*args, backgrounds=bg)
+    ref, ra, _ = rasterization(*args, backgrounds=bg, packed=False)
+    print(f"gsplat parity: colour mean |d| {(ours - ref).abs().mean().item():.2e} max {(ours - ref).abs().max().item():.2e}, "
+          f"alpha mean |d| {(oa - ra).abs().mean().item():.2e}")
+    assert (ours - ref).abs().mean().item() < 1e-3
+    assert (oa - ra).abs().mean().item() < 1e-3
+    assert (ours - ref).abs().max().item() < 2e-2
+
+
+@pytest.mark.gpu
+@needs_gsplat_cuda
+def test_depth_contract_on_gsplat():
+    """rasterize() gives the same RGB+D / RGB+ED / ED on both paths with colour-only backgrounds."""
+    (means, quats, log_scales, opac_logit, colors), vm, K, w, h = _gpu_scene()
+    args = (means, quats, log_scales.exp(), torch.sigmoid(opac_logit), colors, vm, K, w, h)
+    bg = torch.tensor([[1.0, 1.0, 1.0], [0.2, 0.4, 0.6]], device="cuda")
+    for mode in ("RGB+D", "RGB+ED", "ED"):
+        a, aa, _ = rasterize(*args, backgrounds=bg, render_mode=mode, backend="torch")
+        b, ba, _ = rasterize(*args, backgrounds=bg, render_mode=mode, backend="gsplat")
+        assert a.shape == b.shape, mode
+        d = (a - b).abs()
+        rel = d[..., -1].mean().item() / b[..., -1].abs().mean().item()
+        print(f"{mode}: mean |d| colour {d[..., :-1].mean().item() if a.shape[-1] > 1 else 0:.2e}, depth rel {rel:.2e}")
+        assert rel < 2e-3, mode
+        if a.shape[-1] > 1:
+            assert d[..., :-1].mean().item() < 1e-3, mode
+
+
+@pytest.mark.gpu
+@needs_gsplat_cuda
+def test_gradients_match_gsplat():
+    from gsplat import rasterization
+
+    weights = torch.rand(2, 64, 96, 4, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    grads = []
+    for fn in (lambda *a: rasterize_torch(*a), lambda *a: rasterization(*a, packed=False)):
+        params, vm, K, w, h = _gpu_scene(requires_grad=True)
+        means, quats, log_scales, opac_logit, colors = params
+        img, al, _ = fn(means, quats, log_scales.exp(), torch.sigmoid(opac_logit), colors, vm, K, w, h)
+        (torch.cat([img, al], -1) * weights).sum().backward()
+        grads.append([p.grad.detach() for p in params])
+    for name, a, b in zip(("means", "quats", "scales", "opacities", "colors"), *grads):
+        cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+        rel = ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+        print(f"grad {name}: cosine {cos:.5f}, relative difference {rel:.2e}")
+        assert cos > 0.99, name

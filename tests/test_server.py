@@ -95,6 +95,7 @@ def test_ping_and_capabilities(server):
     assert caps["job_kinds"]["diagnose"]["params"]["bench_seconds"]["type"] == "number"
     assert {"tiny", "default"} <= set(caps["presets"])
     assert caps["device"]["device"] == "cpu"
+    assert caps["renderer"]["renderer"] == "torch"  # the Gaussian rasterizer jobs use here
     for lib in ("torch", "pyzmq", "diffusers", "gsplat"):
         assert caps["versions"][lib]
 

@@ -109,11 +109,7 @@ class Gaussians:
         bg = None
         if background is not None:
             bgt = torch.as_tensor(background, dtype=torch.float32, device=dev)
-            bg = bgt.reshape(-1, bgt.shape[-1]).expand(len(c2w), -1)
-            if render_mode in ("RGB+D", "RGB+ED"):
-                bg = torch.cat([bg, torch.zeros(len(c2w), 1, device=dev)], -1)
-            elif render_mode in ("D", "ED"):
-                bg = None
+            bg = bgt.reshape(-1, bgt.shape[-1]).expand(len(c2w), -1)  # colour channels only: see rasterize
         return rasterize(self.means, self.quats, self.scales, self.opacities, self.sh_coeffs(), viewmats, Ks, W, H,
                          sh_degree=self.sh_degree, backgrounds=bg, render_mode=render_mode, backend=backend)
 

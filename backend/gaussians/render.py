@@ -19,11 +19,15 @@ kept, a difference far below 8-bit precision.)
 
 from __future__ import annotations
 
+import logging
 import math
+import threading
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger("gen3d.render")
 
 ALPHA_MIN = 1.0 / 255.0
 ALPHA_MAX = 0.999
@@ -235,7 +239,7 @@ def rasterize_torch(
     far_plane: float = 1e10,
     eps2d: float = 0.3,
     sh_degree: int | None = None,
-    backgrounds: torch.Tensor | None = None,  # [C,D]
+    backgrounds: torch.Tensor | None = None,  # [C,D] colour channels only, as gsplat: depth gets 0
     render_mode: Literal["RGB", "D", "ED", "RGB+D", "RGB+ED"] = "RGB",
     **unused,
 ):
@@ -274,6 +278,11 @@ def rasterize_torch(
     render_colors = torch.stack(outs)
     render_alphas = torch.stack(alphas)
     if backgrounds is not None:
+        # gsplat's contract: backgrounds name the colour channels only; depth's background is 0
+        if render_mode in ("RGB+D", "RGB+ED"):
+            backgrounds = torch.cat([backgrounds, backgrounds.new_zeros(C, 1)], -1)
+        elif render_mode in ("D", "ED"):
+            backgrounds = backgrounds.new_zeros(C, 1)
         render_colors = render_colors + backgrounds[:, None, None, :] * (1.0 - render_alphas)
     meta = {
         "means2d": means2d,
@@ -290,14 +299,82 @@ def rasterize_torch(
     return render_colors, render_alphas, meta
 
 
+_gsplat_lock = threading.Lock()
+_gsplat_probe: tuple[bool, str] | None = None  # (usable, why), decided once per process
+_fallback_logged = False
+
+
+def _probe_gsplat() -> tuple[bool, str]:
+    """Can gsplat's CUDA kernels actually run here? ``import gsplat`` always works
+    (its kernels load lazily); what matters is its compiled extension
+    ``gsplat.cuda._backend._C``: a prebuilt one, or one JIT-compiled on this
+    import (minutes, needs nvcc). Without a CUDA toolkit gsplat sets it to
+    ``None`` and every rasterization call would raise ``AttributeError``."""
+    try:
+        import gsplat
+    except Exception as exc:  # noqa: BLE001 - any import failure means "not usable"
+        return False, f"gsplat is not installed ({type(exc).__name__}: {exc})"
+    version = getattr(gsplat, "__version__", "?")
+    try:
+        from gsplat.cuda import _backend
+    except Exception as exc:  # noqa: BLE001 - a failed JIT build raises all sorts
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        return False, f"gsplat {version}: its CUDA extension failed to build or load ({type(exc).__name__}: {first})"
+    if getattr(_backend, "_C", None) is None:
+        return False, (f"gsplat {version}: its CUDA extension is not available (no prebuilt kernels, and no CUDA "
+                       "toolkit with nvcc to compile them)")
+    return True, f"gsplat {version} with its CUDA extension"
+
+
+def gsplat_status(check: bool = True) -> tuple[bool | None, str]:
+    """(usable, reason) of gsplat on CUDA, probed once and cached. With
+    ``check=False`` nothing is probed (a first probe may compile for minutes):
+    ``(None, "not checked yet")`` until some caller has probed."""
+    global _gsplat_probe
+    if _gsplat_probe is None and check:
+        with _gsplat_lock:
+            if _gsplat_probe is None:
+                _gsplat_probe = _probe_gsplat()
+    return _gsplat_probe if _gsplat_probe is not None else (None, "not checked yet")
+
+
+def reset_gsplat_status() -> None:
+    """Forget the cached probe (tests)."""
+    global _gsplat_probe, _fallback_logged
+    with _gsplat_lock:
+        _gsplat_probe = None
+        _fallback_logged = False
+
+
 def gsplat_available(device: torch.device | str) -> bool:
+    """True when rasterization on ``device`` can use gsplat: a CUDA device and a
+    gsplat whose compiled extension loaded. On CUDA without it, logs one line
+    saying so and that the PyTorch renderer is used instead."""
+    global _fallback_logged
     if torch.device(device).type != "cuda":
         return False
-    try:
-        import gsplat  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    usable, reason = gsplat_status()
+    if not usable and not _fallback_logged:
+        _fallback_logged = True
+        log.warning("gsplat cannot run here (%s); rendering Gaussians with the PyTorch renderer on CUDA (slower)", reason)
+    return bool(usable)
+
+
+def renderer_name(device: torch.device | str) -> str:
+    """``"gsplat"`` or ``"torch"``: which rasterizer runs on ``device`` (probes gsplat once)."""
+    return "gsplat" if gsplat_available(device) else "torch"
+
+
+def renderer_info(device: torch.device | str, check: bool = True) -> dict:
+    """For capabilities, diagnose and job metadata: the renderer on ``device`` and why."""
+    if torch.device(device).type != "cuda":
+        return {"renderer": "torch", "gsplat": "not used off CUDA"}
+    usable, reason = gsplat_status(check)
+    if usable is None:
+        return {"renderer": "undecided", "gsplat": reason}
+    if not usable:
+        gsplat_available(device)  # the one log line
+    return {"renderer": "gsplat" if usable else "torch", "gsplat": reason}
 
 
 def rasterize(means, quats, scales, opacities, colors, viewmats, Ks, width, height, *, backend: str = "auto", **kw):
