@@ -31,9 +31,11 @@ from .progress import NULL, Progress
 from .reconstruct import ReconstructSettings, reconstruct
 from .segment import foreground
 
-PROMPT_TEMPLATE = "{prompt}, a single isolated object, centered, full view, plain white background, studio lighting, product photo"
-NEGATIVE_PROMPT = ("cropped, out of frame, multiple objects, text, watermark, shadow, busy background, blurry, "
-                   "low quality, deformed")
+# the image becomes the reference at azimuth 0 (the object's front, seen from -Y): ask for exactly that view
+PROMPT_TEMPLATE = ("{prompt}, front view, a single isolated object, centered, full view, plain white background, "
+                   "studio lighting, product photo")
+NEGATIVE_PROMPT = ("back view, side view, top view, cropped, out of frame, multiple objects, text, watermark, shadow, "
+                   "busy background, blurry, low quality, deformed")
 
 # quality presets: what each sets unless the request gives it explicitly
 QUALITY = {

@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from gen3d_wire.protocol import Attachment
 
@@ -17,7 +21,9 @@ from .jobs import AttachmentSpec, InputError, JobContext, JobInputs, JobOutput, 
 from .mesh.gltf import read_glb, write_glb
 from .mesh.textured import TexturedMesh, vertex_normals
 from .mesh.uv import unwrap
-from .novel_views import FOV_DEG, on_white, prepare_reference
+from .mesh.raster import rasterize_mesh
+from .metrics import mask_iou
+from .novel_views import FILL, FOV_DEG, on_white, prepare_reference
 from .progress import NULL, Progress
 from .sds import RefineSettings, StableDiffusionGuidance, Zero123Guidance, refine_texture
 
@@ -104,18 +110,88 @@ def mesh_from_glb(data: bytes, texture_size: int = 0) -> tuple[TexturedMesh, str
     return mesh, uv_source
 
 
-def reference_view(image: np.ndarray, mesh: TexturedMesh, elevation: float = 0.0) -> tuple[np.ndarray, np.ndarray, cam.Intrinsics]:
-    """Where a reference image is assumed to be seen from: the front (-Y), framed as
-    the generation rig frames it (object centred, 80 % of the frame)."""
+REGISTRATION_MIN_IOU = 0.8  # below this the image probably does not show this mesh from that side
+REGISTRATION_FOVS = (FOV_DEG, 30.0, 65.0, 20.0)  # fields of view tried, the rig's first (it wins ties)
+
+
+@dataclass
+class Registration:
+    """Where the reference image is seen from, found by matching silhouettes."""
+
+    c2w: np.ndarray
+    intr: cam.Intrinsics
+    iou: float  # the mesh's rendered mask against the reference's mask
+    distance: float  # camera distance from the mesh's bounding-box centre
+    offset_px: tuple  # principal point shift (x, y) that centres the silhouettes, in reference pixels
+
+
+def _mask_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return None
+    x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+    return (x0 + x1) / 2, (y0 + y1) / 2, float(x1 - x0), float(y1 - y0)
+
+
+def _mesh_mask(vertices: torch.Tensor, faces: torch.Tensor, c2w, k: cam.Intrinsics) -> np.ndarray:
+    return rasterize_mesh(vertices, faces, c2w, k).mask.cpu().numpy()
+
+
+def register_reference(mask: np.ndarray, vertices: np.ndarray, faces: np.ndarray, elevation: float = 0.0,
+                       azimuth: float = 0.0, fov_deg: float = FOV_DEG, iterations: int = 6) -> Registration:
+    """The camera, looking at the mesh from (``elevation``, ``azimuth``) with field of
+    view ``fov_deg``, under which the mesh's silhouette best matches ``mask``
+    [H, W] (bool): the distance matches the silhouettes' sizes, a principal point
+    shift matches their centres (a few fixed-point rounds, perspective included).
+    ``iou`` says how well the two agree in the end."""
+    h, w = mask.shape
+    ref_box = _mask_box(mask)
+    if ref_box is None:
+        raise InputError("the reference image has no foreground")
+    lo, hi = vertices.min(0), vertices.max(0)
+    center = 0.5 * (lo + hi)
+    radius = float(np.linalg.norm(vertices - center, axis=1).max())
+    V = torch.as_tensor(vertices, dtype=torch.float32)
+    Fc = torch.as_tensor(faces)
+    base = cam.Intrinsics.from_fov(math.radians(fov_deg), w, h)
+    dist = radius / (FILL * math.tan(math.radians(fov_deg) / 2))
+    dx = dy = 0.0
+
+    def camera(d, ox, oy):
+        k = cam.Intrinsics(base.fx, base.fy, base.cx + ox, base.cy + oy, w, h)
+        return cam.spherical_to_c2w(elevation, azimuth, d, center), k
+
+    for _ in range(iterations):
+        c2w, k = camera(dist, dx, dy)
+        box = _mask_box(_mesh_mask(V, Fc, c2w, k))
+        if box is None:  # nothing in view: start over from farther away
+            dist *= 2.0
+            continue
+        size_ratio = max(box[2], box[3]) / max(ref_box[2], ref_box[3])
+        dist = max(dist * size_ratio, radius * 1.05)  # apparent size goes as 1 / distance
+        dx += ref_box[0] - box[0]
+        dy += ref_box[1] - box[1]
+        if abs(size_ratio - 1) < 1e-3 and abs(ref_box[0] - box[0]) < 0.25 and abs(ref_box[1] - box[1]) < 0.25:
+            break
+    c2w, k = camera(dist, dx, dy)
+    iou = mask_iou(_mesh_mask(V, Fc, c2w, k).astype(np.float32), mask.astype(np.float32))
+    return Registration(c2w, k, float(iou), float(dist), (float(dx), float(dy)))
+
+
+def reference_view(image: np.ndarray, mesh: TexturedMesh, elevation: float = 0.0) -> tuple[np.ndarray, Registration]:
+    """The reference image framed as the generation rig frames it (object centred,
+    80 % of the frame), and the front (-Y) camera registered to it by silhouette."""
     from .segment import foreground
 
     rgba, _ = prepare_reference(foreground(image).rgba)
-    lo, hi = mesh.vertices.min(0), mesh.vertices.max(0)
-    center = 0.5 * (lo + hi)
-    radius = float(np.linalg.norm(mesh.vertices - center, axis=1).max())
-    k = cam.Intrinsics.from_fov(math.radians(FOV_DEG), rgba.shape[1], rgba.shape[0])
-    dist = radius / (0.8 * math.tan(math.radians(FOV_DEG) / 2))
-    return rgba, cam.spherical_to_c2w(elevation, 0.0, dist, center), k
+    mask = rgba[..., 3] > 0.5
+    # the photo's field of view is unknown: the rig's first, others where perspective fits better
+    best = None
+    for fov in REGISTRATION_FOVS:
+        reg = register_reference(mask, mesh.vertices, mesh.faces, elevation, fov_deg=fov)
+        if best is None or reg.iou > best.iou + 0.005:
+            best = reg
+    return rgba, best
 
 
 # ---------------------------------------------------------------------------
@@ -134,6 +210,12 @@ def build_guidances(models, prompt: str, negative: str, reference_rgba: np.ndarr
     return gs
 
 
+def _resident(models):
+    """The models' "keep the prior on the GPU while refining" scope, where they have one."""
+    keep = getattr(models, "resident_for_refinement", None)
+    return keep() if keep is not None else contextlib.nullcontext()
+
+
 def pipeline_refiner(models, prompt: str, negative: str, settings, device: str):
     """The last stage of text_to_3d / image_to_3d: refine the baked texture with the
     text prior (when a prompt exists) and Zero-1-to-3 on the reference view."""
@@ -142,9 +224,9 @@ def pipeline_refiner(models, prompt: str, negative: str, settings, device: str):
         ref_rgba = views.images[0]
         s = RefineSettings(steps=settings.refine_steps, update="sdedit", seed=settings.seed, lr=0.02)
         gs = build_guidances(models, prompt, negative, ref_rgba, settings.reference_elevation, 7.5, 3.0, device)
-        new, _ = refine_texture(mesh, gs, s, cameras=[(views.c2w[0], views.intrinsics[0])],
-                                reference=(ref_rgba, views.c2w[0], views.intrinsics[0]), device=device,
-                                progress=progress)
+        with _resident(models):
+            new, _ = refine_texture(mesh, gs, s, reference=(ref_rgba, views.c2w[0], views.intrinsics[0]), device=device,
+                                    progress=progress)
         return new
 
     return run
@@ -160,23 +242,39 @@ def _handle(inputs: JobInputs, ctx: JobContext) -> JobOutput:
     if "cameras" in atts:
         cameras = parse_cameras(json.loads(atts["cameras"].decode("utf-8")))
     reference = None
+    warnings = []
+    registration = None
     if "image" in atts:
         img = decode_image(atts["image"], ctx.limits.max_image_pixels, "the reference image")
-        reference = reference_view(img, mesh, p["reference_elevation"])
+        rgba, reg = reference_view(img, mesh, p["reference_elevation"])
+        reference = (rgba, reg.c2w, reg.intr)
+        registration = {"iou": reg.iou, "distance": reg.distance, "fov_deg": math.degrees(reg.intr.fov_x),
+                        "offset_px": list(reg.offset_px)}
+        if reg.iou < REGISTRATION_MIN_IOU:
+            warnings.append(f"the reference image matches the mesh's front silhouette poorly (IoU {reg.iou:.2f}); "
+                            "it probably does not show this mesh from the front (-Y) at this elevation")
+            plan["load"].update(1.0, warnings[-1])
     if not p["prompt"].strip() and reference is None:
         raise InputError("refine_texture needs a prompt or a reference image")
     if ctx.models is None:
         raise InputError("this backend was started without models")
     s = RefineSettings(steps=p["steps"], update=p["update"], seed=p["seed"], lr=p["lr"],
-                       camera_prob=0.5 if cameras else 0.0, reference_weight=p["reference_weight"])
+                       camera_prob=0.5 if cameras else 0.0, reference_weight=p["reference_weight"],
+                       prior_weight=p["prior_weight"])
     gs = build_guidances(ctx.models, p["prompt"], p["negative_prompt"], reference[0] if reference else None,
                          p["reference_elevation"], p["guidance"], p["image_guidance"], ctx.device)
-    new, report = refine_texture(mesh, gs, s, cameras, reference, ctx.device, plan["refine"])
+    with _resident(ctx.models):
+        new, report = refine_texture(mesh, gs, s, cameras, reference, ctx.device, plan["refine"])
     glb = write_glb(new)
     plan["export"].update(1.0)
     meta = {"uv_source": uv_source, "faces": int(len(new.faces)), "vertices": int(len(new.vertices)),
             "texture_size": int(new.texture.shape[0]), "steps": report.steps, "scene_cameras": len(cameras),
-            "update": p["update"], "timings": {"refine": report.seconds}, "final_loss": report.losses[-1] if report.losses else None}
+            "update": p["update"], "timings": {"refine": report.seconds}, "final_loss": report.losses[-1] if report.losses else None,
+            "prior_views": report.prior_views, "scene_views_without_prior": report.scene_views_dropped}
+    if registration is not None:
+        meta["reference_registration"] = registration
+    if warnings:
+        meta["warnings"] = warnings
     return JobOutput([Attachment("model.glb", "model/gltf-binary", glb)], meta)
 
 
@@ -194,7 +292,9 @@ SPEC = JobSpec(
         Param("image_guidance", float, 4.0, "Zero-1-to-3 guidance scale", min=0.0, max=50.0),
         Param("update", str, "sds", "update rule: sds | sdedit | csd", choices=("sds", "sdedit", "csd")),
         Param("lr", float, 0.03, "texture learning rate", min=1e-5, max=1.0),
-        Param("reference_weight", float, 1000.0, "weight of the reference-view match", min=0.0, max=1e6),
+        Param("reference_weight", float, 1.0, "weight of the reference view's per-pixel MSE (the priors' losses "
+              "are per-element means too)", min=0.0, max=1e4),
+        Param("prior_weight", float, 1.0, "weight of the priors (text and image) against the reference", min=0.0, max=1e4),
         Param("reference_elevation", float, 0.0, "elevation of the reference image's camera", min=-60.0, max=80.0),
     ),
     attachments=(
@@ -232,6 +332,10 @@ def _run(args) -> int:
         print(p)
     print(f"{meta.get('faces')} faces, UVs from {meta.get('uv_source')}, {meta.get('steps')} steps in "
           f"{meta.get('timings', {}).get('refine', 0):.1f}s")
+    if "reference_registration" in meta:
+        print(f"reference registered by silhouette: IoU {meta['reference_registration']['iou']:.3f}")
+    for w in meta.get("warnings", []):
+        print(f"warning: {w}", file=sys.stderr)
     return 0
 
 

@@ -29,13 +29,34 @@ Update rules (``RefineSettings.update``):
   eps_uncond)``, the classifier part alone. Stronger restyling toward the
   prompt with less colour drift; needs a conditional/unconditional model (not
   the oracle).
+
+Loss weights. Every term is a per-element mean, so weights compare like with
+like whatever the render size or latent shape:
+
+``loss = prior_weight * sum_g g.weight * L_g + reference_weight * L_ref``
+
+* ``L_g`` for ``sds``/``csd``: ``0.5 * mean((x0 - sg(x0 - grad))^2)`` over the
+  guidance's space (latents or pixels), i.e. a gradient of ``grad / numel`` on
+  ``x0``; for ``sdedit``: ``mean((render - target)^2)`` over pixels and channels.
+* ``L_ref``: ``mean((render - reference)^2)`` over the reference's masked pixels
+  and channels.
+
+The reference camera itself is never shown to a prior (it has the reference
+image, which is better); given cameras that coincide with it are dropped.
+
+Views the priors see are square: a scene camera of another aspect ratio is
+rendered through a square frame with the same pose and focal length (its frame
+padded with more of the scene), never squeezed. Zero-1-to-3 only sees views
+like its training rig (object centred, field of view near 49.1 degrees, framed
+as the reference within the radii it was trained on, see
+:meth:`Zero123Guidance.accepts`); other scene cameras get the text prior only.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -57,6 +78,8 @@ class View:
     azimuth: float  # degrees, our convention (0 = front, on -Y)
     radius: float
     source: int = -1  # index into the given cameras, or -1 when sampled
+    scale: float = 1.0  # the object's apparent size relative to the reference framing (1: framed as the reference)
+    offset: float = 0.0  # distance of the object's centre from the frame's centre, as a fraction of the frame
 
 
 class Guidance(Protocol):
@@ -72,11 +95,23 @@ class Guidance(Protocol):
 
     def eps(self, x_t: torch.Tensor, t: torch.Tensor, views: Sequence[View]) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
+    def accepts(self, view: View) -> bool: ...
+
 
 def scaled_linear_alphas(n: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
     """Stable Diffusion's schedule, for guidances without a scheduler (the oracle)."""
     betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, n, dtype=torch.float64) ** 2
     return torch.cumprod(1 - betas, 0).float()
+
+
+def _square_resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize square renders [B,3,H,H] to the prior's size; a non-square image here is
+    a bug (it would be squeezed): the refiner renders square views."""
+    if images.shape[-1] != images.shape[-2]:
+        raise ValueError(f"priors take square images, got {tuple(images.shape[-2:])}")
+    if images.shape[-1] == size:
+        return images
+    return F.interpolate(images, (size, size), mode="bilinear", align_corners=False, antialias=images.shape[-1] > size)
 
 
 # ---------------------------------------------------------------------------
@@ -101,8 +136,14 @@ class OracleGuidance:
     def decode(self, x0):
         return (x0 + 1) / 2
 
+    def accepts(self, view: View) -> bool:
+        return True
+
     def eps(self, x_t, t, views):
-        x_star = self.truth(views).to(x_t) * 2 - 1
+        x_star = self.truth(views).to(x_t)
+        if x_star.shape[-2:] != x_t.shape[-2:]:
+            x_star = F.interpolate(x_star, x_t.shape[-2:], mode="area")
+        x_star = x_star * 2 - 1
         ab = self.alphas_cumprod.to(x_t)[t].reshape(-1, 1, 1, 1)
         return (x_t - ab.sqrt() * x_star) / (1 - ab).sqrt(), None
 
@@ -130,7 +171,8 @@ class StableDiffusionGuidance:
         self.weight = weight
         self.guidance_scale = guidance_scale
         self.size = size
-        self.device = pipe.unet.device
+        # where inputs go: the GPU also when the pipeline is CPU-offloaded (its weights then sit on the CPU)
+        self.device = getattr(pipe, "_execution_device", None) or pipe.unet.device
         self.dtype = pipe.unet.dtype
         self.alphas_cumprod = pipe.scheduler.alphas_cumprod.to(self.device)
         for m in (pipe.unet, pipe.vae, pipe.text_encoder):
@@ -147,8 +189,11 @@ class StableDiffusionGuidance:
                                   truncation=True, return_tensors="pt")
         return self.pipe.text_encoder(tok.input_ids.to(self.device))[0]
 
+    def accepts(self, view: View) -> bool:
+        return True  # trained on every kind of framing
+
     def encode(self, images):
-        x = F.interpolate(images, (self.size, self.size), mode="bilinear", align_corners=False)
+        x = _square_resize(images, self.size)
         lat = self.pipe.vae.encode((x * 2 - 1).to(self.dtype)).latent_dist.sample()
         return lat * self.pipe.vae.config.scaling_factor
 
@@ -172,6 +217,13 @@ class Zero123Guidance:
 
     name = "zero123"
 
+    # the training rig (objaverse renders): field of view 49.1 deg, radii 1.5-2.2 around a
+    # normalised object, object centred; our reference framing stands for radius RIG_RADIUS
+    RIG_FOV_DEG = (35.0, 65.0)
+    RIG_RADIUS = 2.0
+    RIG_RADII = (1.5, 2.2)
+    MAX_OFFSET = 0.05
+
     def __init__(self, model, reference_rgb: np.ndarray, reference_elevation: float = 0.0, guidance_scale: float = 4.0,
                  weight: float = 1.0):
         self.model = model
@@ -183,8 +235,21 @@ class Zero123Guidance:
         for m in (model.parts.unet, model.parts.vae):
             m.requires_grad_(False)
 
+    @classmethod
+    def view_radius(cls, view: View) -> float:
+        """The view's camera distance in the model's units: the reference framing is
+        RIG_RADIUS; an object that looks smaller is farther."""
+        return cls.RIG_RADIUS / max(view.scale, 1e-6)
+
+    def accepts(self, view: View) -> bool:
+        """Only views like Zero-1-to-3's training renders: object centred, a field of
+        view near 49.1 degrees, and at a distance within its trained radii."""
+        fov = math.degrees(view.intr.fov_x)
+        return (view.offset <= self.MAX_OFFSET and self.RIG_FOV_DEG[0] <= fov <= self.RIG_FOV_DEG[1]
+                and self.RIG_RADII[0] <= self.view_radius(view) <= self.RIG_RADII[1])
+
     def encode(self, images):
-        x = F.interpolate(images, (self.size, self.size), mode="bilinear", align_corners=False)
+        x = _square_resize(images, self.size)
         lat = self.model.parts.vae.encode((x * 2 - 1).to(self.model.dtype)).latent_dist.sample()
         return lat * self.model.scaling_factor
 
@@ -193,7 +258,7 @@ class Zero123Guidance:
 
     @torch.no_grad()
     def eps(self, x_t, t, views):
-        poses = [(v.elevation - self.ref.elevation, v.azimuth, 0.0) for v in views]
+        poses = [(v.elevation - self.ref.elevation, v.azimuth, self.view_radius(v) - self.RIG_RADIUS) for v in views]
         cond = self.model.conditioning(self.ref, self.model.camera_vectors(self.ref, poses))
         b = len(views)
         ref_lat = self.ref.latent.expand(b, -1, -1, -1).to(x_t.dtype)
@@ -220,9 +285,10 @@ class RefineSettings:
     render_size: int = 0  # 0: 128 on CPU, 512 on CUDA
     views_per_step: int = 1
     elevation_range: tuple = (-15.0, 45.0)
-    fov_deg: float = 49.1
+    fov_deg: float = 49.1  # of sampled views when there is no reference view (else the reference's)
     camera_prob: float = 0.5  # chance of drawing a given (scene) camera instead of a random one
-    reference_weight: float = 1000.0  # MSE weight of the reference view, when one is given
+    prior_weight: float = 1.0  # weight of the priors' per-element losses (module docstring)
+    reference_weight: float = 1.0  # weight of the reference view's per-pixel MSE, when one is given
     background: str = "white"  # "white" | "random"
     seed: int = 0
     supersample: int = 2
@@ -233,6 +299,8 @@ class RefineReport:
     steps: int
     seconds: float
     losses: list = field(default_factory=list)
+    prior_views: dict = field(default_factory=dict)  # guidance name -> views it was shown
+    scene_views_dropped: int = 0  # scene-camera draws no prior could take (replaced by sampled views)
 
 
 def _object_frame(vertices: np.ndarray) -> tuple[np.ndarray, float]:
@@ -246,11 +314,35 @@ def view_of(c2w: np.ndarray, intr: cam.Intrinsics, center: np.ndarray, source: i
     return View(np.asarray(c2w, np.float64), intr, el, az, r, source)
 
 
-def sample_view(rng: np.random.Generator, center, radius: float, s: RefineSettings, size: int) -> View:
+def square_view(v: View, size: int) -> View:
+    """The same camera through a square frame of ``size`` px: the longer side kept,
+    the shorter one padded symmetrically with more of the scene (no squeeze)."""
+    k = v.intr
+    side = max(k.width, k.height)
+    sq = cam.Intrinsics(k.fx, k.fy, k.cx + (side - k.width) / 2, k.cy + (side - k.height) / 2, side, side)
+    return replace(v, intr=sq.scaled(size, size))
+
+
+def _framing(v: View, center: np.ndarray, ref_extent: float) -> View:
+    """Fill in ``scale`` (apparent size against the reference framing, whose half
+    frame spans ``ref_extent`` at the object's depth) and ``offset``."""
+    uv, z = cam.project(np.asarray(center, np.float64)[None], v.c2w, v.intr)
+    k = v.intr
+    if not (z[0] > 1e-9):
+        return replace(v, scale=0.0, offset=float("inf"))
+    extent = float(z[0]) * 0.5 * k.width / k.fx  # half the frame's width, in world units at the object
+    off = float(np.hypot(uv[0, 0] - k.width / 2, uv[0, 1] - k.height / 2)) / k.width
+    return replace(v, scale=ref_extent / extent, offset=off)
+
+
+def _same_camera(a: View, b: View) -> bool:
+    return bool(np.allclose(a.c2w, b.c2w, atol=1e-6) and math.isclose(a.intr.fov_x, b.intr.fov_x, rel_tol=1e-3))
+
+
+def sample_view(rng: np.random.Generator, center, dist: float, fov_deg: float, s: RefineSettings, size: int) -> View:
     el = float(rng.uniform(*s.elevation_range))
     az = float(rng.uniform(0, 360))
-    dist = radius / math.sin(math.radians(s.fov_deg) / 2) * 1.1
-    intr = cam.Intrinsics.from_fov(math.radians(s.fov_deg), size, size)
+    intr = cam.Intrinsics.from_fov(math.radians(fov_deg), size, size)
     return View(cam.spherical_to_c2w(el, az, dist, center), intr, el, az, dist)
 
 
@@ -259,8 +351,10 @@ def refine_texture(mesh: TexturedMesh, guidances: Sequence[Guidance], settings: 
                    device: str = "cpu", progress: Progress = NULL) -> tuple[TexturedMesh, RefineReport]:
     """Optimise ``mesh.texture`` under the guidances. ``cameras``: given views
     (scene cameras) drawn with probability ``camera_prob``; ``reference``:
-    (rgba [H,W,4], c2w, Intrinsics) matched by an MSE loss. Geometry and UVs
-    are untouched; returns the mesh with its new texture."""
+    (rgba [H,W,4], c2w, Intrinsics) matched by a per-pixel MSE. Sampled views
+    look at the object from the reference's distance and field of view (or, with
+    no reference, from where the bounding sphere fills the frame). Geometry and
+    UVs are untouched; returns the mesh with its new texture."""
     s = settings or RefineSettings()
     if s.update not in ("sds", "sdedit", "csd"):
         raise ValueError(f"unknown update rule {s.update!r}")
@@ -277,45 +371,62 @@ def refine_texture(mesh: TexturedMesh, guidances: Sequence[Guidance], settings: 
     tex = torch.nn.Parameter(torch.as_tensor(np.clip(mesh.texture, 0, 1), dtype=torch.float32, device=dev).clone())
     opt = torch.optim.Adam([tex], lr=s.lr)
     center, radius = _object_frame(mesh.vertices)
-    given = [view_of(c, k, center, i) for i, (c, k) in enumerate(cameras)]
     ref = None
     if reference is not None:
         rgba, rc2w, rk = reference
         ref = (torch.as_tensor(rgba, dtype=torch.float32, device=dev), view_of(rc2w, rk, center))
-    losses = []
+    if ref is not None:  # sampled views framed as the reference
+        rv = ref[1]
+        dist, fov_deg = rv.radius, math.degrees(rv.intr.fov_x)
+    else:
+        fov_deg = s.fov_deg
+        dist = radius / math.sin(math.radians(fov_deg) / 2) * 1.1
+    ref_extent = dist * math.tan(math.radians(fov_deg) / 2)
+    given = []
+    for i, (c, k) in enumerate(cameras):
+        v = view_of(c, k, center, i)
+        if ref is not None and _same_camera(v, ref[1]):
+            continue  # the reference view is matched to the reference image, never shown to a prior
+        given.append(_framing(square_view(v, size), center, ref_extent))
+    report = RefineReport(s.steps, 0.0, prior_views={g.name: 0 for g in guidances})
     for step in range(s.steps):
         frac = step / max(1, s.steps - 1)
         views = []
-        for _ in range(s.views_per_step):
+        for _ in range(s.views_per_step if guidances else 0):
+            v = None
             if given and rng.random() < s.camera_prob:
                 v = given[int(rng.integers(len(given)))]
-                scale = size / max(v.intr.width, v.intr.height)
-                views.append(View(v.c2w, v.intr.scaled(max(1, round(v.intr.width * scale)), max(1, round(v.intr.height * scale))),
-                                  v.elevation, v.azimuth, v.radius, v.source))
-            else:
-                views.append(sample_view(rng, center, radius, s, size))
+                if not any(g.accepts(v) for g in guidances):
+                    report.scene_views_dropped += 1
+                    v = None
+            if v is None:
+                v = sample_view(rng, center, dist, fov_deg, s, size)
+            views.append(v)
         bg = torch.ones(3, device=dev) if s.background == "white" else torch.rand(3, generator=gen).to(dev)
         loss = torch.zeros((), device=dev)
         imgs = None
-        if guidances:
-            shapes = {(v.intr.width, v.intr.height) for v in views}
-            if len(shapes) != 1:  # scene cameras of other aspect ratios: one at a time
-                views = views[:1]
+        if views:
             imgs = torch.stack([render_textured(V, Fc, UV, tex, v.c2w, v.intr, s.supersample, background=bg)
                                 for v in views]).permute(0, 3, 1, 2)
             for g in guidances:
-                loss = loss + g.weight * _guidance_loss(g, imgs, views, frac, s, gen)
-        if ref is not None:
+                idx = [i for i, v in enumerate(views) if g.accepts(v)]
+                if not idx:
+                    continue
+                report.prior_views[g.name] += len(idx)
+                sub = imgs[idx] if len(idx) < len(views) else imgs
+                loss = loss + s.prior_weight * g.weight * _guidance_loss(g, sub, [views[i] for i in idx], frac, s, gen)
+        if ref is not None and s.reference_weight > 0:
             rgba, rv = ref
             out = render_textured(V, Fc, UV, tex, rv.c2w, rv.intr, s.supersample, background=None)
             m = (rgba[..., 3:4] > 0.5).float() * (out[..., 3:4] > 0.5).float()
-            loss = loss + s.reference_weight * ((out[..., :3] - rgba[..., :3]) ** 2 * m).sum() / m.sum().clamp_min(1.0) / 3
+            loss = loss + s.reference_weight * ((out[..., :3] - rgba[..., :3]) ** 2 * m).sum() / (3 * m.sum()).clamp_min(1.0)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if loss.requires_grad:
+            loss.backward()
+            opt.step()
         with torch.no_grad():
             tex.clamp_(0.0, 1.0)
-        losses.append(float(loss.detach()))
+        report.losses.append(float(loss.detach()))
         preview = None
         if imgs is not None and (step % max(1, s.steps // 5) == 0 or step == s.steps - 1):
             from .dataset import encode_png
@@ -323,7 +434,8 @@ def refine_texture(mesh: TexturedMesh, guidances: Sequence[Guidance], settings: 
             preview = encode_png(imgs[0].detach().permute(1, 2, 0).cpu().numpy())
         progress.update((step + 1) / s.steps, f"step {step + 1}/{s.steps}", preview)
     new = mesh.copy(texture=tex.detach().cpu().numpy().astype(np.float32))
-    return new, RefineReport(s.steps, time.perf_counter() - t0, losses)
+    report.seconds = time.perf_counter() - t0
+    return new, report
 
 
 def _guidance_loss(g: Guidance, imgs: torch.Tensor, views: Sequence[View], frac: float, s: RefineSettings,
@@ -331,12 +443,12 @@ def _guidance_loss(g: Guidance, imgs: torch.Tensor, views: Sequence[View], frac:
     ac = g.alphas_cumprod
     n_t = len(ac)
     b = imgs.shape[0]
-    x0 = g.encode(imgs)
     if s.update == "sdedit":
         lo, hi = s.sdedit_t
         t_val = hi - (hi - lo) * frac
         t = torch.full((b,), int(t_val * (n_t - 1)), dtype=torch.long)
-        with torch.no_grad():
+        with torch.no_grad():  # the target is a constant: no activations kept for the encoder
+            x0 = g.encode(imgs)
             noise = torch.randn(x0.shape, generator=gen).to(x0)
             ab = ac.to(x0)[t].reshape(-1, 1, 1, 1)
             x = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
@@ -351,7 +463,8 @@ def _guidance_loss(g: Guidance, imgs: torch.Tensor, views: Sequence[View], frac:
                 x = a_n.sqrt() * x0_hat + (1 - a_n).sqrt() * e if nxt > 0 else x0_hat
             target = g.decode(x).to(imgs)
             target = F.interpolate(target, imgs.shape[-2:], mode="bilinear", align_corners=False)
-        return F.mse_loss(imgs, target, reduction="sum") / b
+        return F.mse_loss(imgs, target)
+    x0 = g.encode(imgs)
     lo, hi = s.t_range
     hi_now = hi - (hi - s.t_final_max) * frac
     t = torch.randint(int(lo * (n_t - 1)), int(max(lo, hi_now) * (n_t - 1)) + 1, (b,), generator=gen)
@@ -370,4 +483,4 @@ def _guidance_loss(g: Guidance, imgs: torch.Tensor, views: Sequence[View], frac:
             grad = w * (e - noise)
         grad = torch.nan_to_num(grad)
     target = (x0 - grad).detach()
-    return 0.5 * F.mse_loss(x0, target, reduction="sum") / b
+    return 0.5 * F.mse_loss(x0, target)  # d/dx0 = grad / numel

@@ -169,3 +169,27 @@ def degrade_texture(texture: np.ndarray, seed: int = 0) -> np.ndarray:
         y, x = rng.integers(0, h * 3 // 4), rng.integers(0, w * 3 // 4)
         out[y:y + h // 5, x:x + w // 5] = 0.5
     return np.clip(out, 0, 1)
+
+
+class MeshTruth:
+    """True renders for the oracle denoiser from a textured mesh, for any camera
+    (sampled views, scene cameras of any aspect ratio), composited on white."""
+
+    def __init__(self, mesh, supersample: int = 2):
+        import torch
+
+        self.V = torch.as_tensor(mesh.vertices, dtype=torch.float32)
+        self.F = torch.as_tensor(mesh.faces)
+        self.UV = torch.as_tensor(mesh.uv, dtype=torch.float32)
+        self.T = torch.as_tensor(mesh.texture, dtype=torch.float32)
+        self.supersample = supersample
+
+    def __call__(self, views):
+        import torch
+
+        from backend.mesh.textured import render_textured
+
+        white = torch.ones(3)
+        with torch.no_grad():
+            return torch.stack([render_textured(self.V, self.F, self.UV, self.T, v.c2w, v.intr, self.supersample,
+                                                background=white) for v in views]).permute(0, 3, 1, 2)

@@ -341,3 +341,23 @@ def test_cli_generate_from_text_and_image(tmp_path, gt_data):
     r = subprocess.run([sys.executable, "-m", "backend", "generate", "--image", str(tmp_path / "nope.png"), "--out", "x.glb"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "not found" in r.stderr
+
+
+def test_text_to_image_asks_for_the_front_view():
+    """The pipeline puts the generated image at azimuth 0: the prompt must ask for a front view."""
+    from backend.generate import text_to_image
+
+    seen = {}
+
+    class FakePipe:
+        def __call__(self, prompt, negative_prompt, **kw):
+            seen.update(prompt=prompt, negative=negative_prompt)
+
+            class Out:
+                images = [np.ones((8, 8, 3), np.float32)]
+
+            return Out()
+
+    text_to_image(FakePipe(), "a wooden chair", "", steps=1, size=8)
+    assert seen["prompt"].startswith("a wooden chair, front view")
+    assert "back view" in seen["negative"] and "side view" in seen["negative"]

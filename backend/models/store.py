@@ -13,14 +13,18 @@ error naming the model and the command that fetches it, never a stack trace.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from ..jobs import ModelMissing
 from .presets import TINY_PREFIX, Preset, resolve
+
+log = logging.getLogger("gen3d.models")
 
 # only what diffusers/transformers load: skips the multi-GB single-file checkpoints some repos carry
 ALLOW_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors", "*/*.model"]
@@ -147,6 +151,41 @@ class ModelStore:
                     parts.vae.enable_slicing()
                 self._zero123 = Zero123(parts, self.device)
             return self._zero123
+
+    @contextmanager
+    def resident_for_refinement(self, margin_bytes: int = 3 << 30):
+        """Score distillation calls the UNet and the VAE on every step. Under
+        ``low_vram`` the Stable Diffusion pipeline is CPU-offloaded (each model
+        moved to the GPU when called and back when another one is), which would
+        move the 1.7 GB fp16 UNet across the bus on every refinement step. For
+        the refinement, keep the pipeline's models on the GPU when they fit with
+        ``margin_bytes`` to spare, then put the offload back. Without
+        ``low_vram``, or when they do not fit, nothing changes (and the cost is
+        logged)."""
+        pipe = self._sd
+        offloaded = (pipe is not None and self.low_vram and str(self.device).startswith("cuda")
+                     and getattr(pipe, "_offload_gpu_id", None) is not None)
+        if not offloaded:
+            yield
+            return
+        parts = [m for m in (pipe.unet, pipe.vae, pipe.text_encoder) if m is not None]
+        need = sum(p.numel() * p.element_size() for m in parts for p in m.parameters())
+        free = torch.cuda.mem_get_info()[0]
+        if need + margin_bytes > free:
+            log.warning("refinement keeps CPU offload (models %.1f GB, GPU free %.1f GB): the UNet moves to the GPU "
+                        "and back on every step", need / 1e9, free / 1e9)
+            yield
+            return
+        pipe.remove_all_hooks()
+        for m in parts:
+            m.to(self.device)
+        try:
+            yield
+        finally:
+            for m in parts:
+                m.to("cpu")
+            torch.cuda.empty_cache()
+            pipe.enable_model_cpu_offload()
 
     def release(self) -> None:
         """Drop loaded models (frees their memory)."""
