@@ -160,15 +160,32 @@ class Intrinsics:
     @classmethod
     def from_blender(cls, lens_mm: float, sensor_width_mm: float, sensor_height_mm: float, sensor_fit: str,
                      width: int, height: int, shift_x: float = 0.0, shift_y: float = 0.0) -> "Intrinsics":
-        """Blender camera data (lens, sensor, fit, shift) -> pixels, for square pixels."""
-        fit = sensor_fit.upper()
+        """Blender camera data (lens, sensor, fit, shift) -> pixels, as Blender and Cycles project.
+
+        ``width``/``height`` are the rendered size (resolution times resolution_percentage);
+        pixels are square (pixel_aspect_x == pixel_aspect_y; other aspects are not modelled).
+        The sensor fit picks one sensor dimension and the image side it spans, S pixels:
+
+        * AUTO: ``sensor_width`` across the larger side, whatever the orientation
+          (S = max(width, height); ``sensor_height`` is unused);
+        * HORIZONTAL: ``sensor_width`` across the width (S = width), also for portrait frames;
+        * VERTICAL: ``sensor_height`` across the height (S = height), also for landscape frames.
+
+        Then f = lens / sensor * S, and lens shift is measured in units of S:
+        cx = width/2 - shift_x*S, cy = height/2 + shift_y*S (image y grows downwards, so a
+        positive shift_y moves the view up and the scene down the image). Proven against
+        ``world_to_camera_view`` and Cycles renders in tests/test_cameras_blender.py.
+        """
+        fit = str(sensor_fit).upper()
         if fit == "AUTO":
-            fit = "HORIZONTAL" if width >= height else "VERTICAL"
-        if fit == "HORIZONTAL":
-            f = lens_mm / sensor_width_mm * width
+            sensor, size = sensor_width_mm, max(width, height)
+        elif fit == "HORIZONTAL":
+            sensor, size = sensor_width_mm, width
+        elif fit == "VERTICAL":
+            sensor, size = sensor_height_mm, height
         else:
-            f = lens_mm / sensor_height_mm * height
-        size = max(width, height)
+            raise ValueError(f"sensor_fit must be AUTO, HORIZONTAL or VERTICAL, got {sensor_fit!r}")
+        f = lens_mm / sensor * size
         return cls(f, f, width / 2.0 - shift_x * size, height / 2.0 + shift_y * size, int(width), int(height))
 
     @property

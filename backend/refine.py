@@ -62,9 +62,12 @@ def parse_cameras(data: dict) -> list[tuple[np.ndarray, cam.Intrinsics]]:
         if num("lens") is not None:
             if num("lens") <= 0:
                 raise InputError(f"{where}: lens must be positive")
-            k = cam.Intrinsics.from_blender(num("lens"), num("sensor_width", 36.0), num("sensor_height", 24.0),
-                                            str(fr.get("sensor_fit", "AUTO")), int(w), int(h), num("shift_x", 0.0) or 0.0,
-                                            num("shift_y", 0.0) or 0.0)
+            try:
+                k = cam.Intrinsics.from_blender(num("lens"), num("sensor_width", 36.0), num("sensor_height", 24.0),
+                                                str(fr.get("sensor_fit", "AUTO")), int(w), int(h),
+                                                num("shift_x", 0.0) or 0.0, num("shift_y", 0.0) or 0.0)
+            except ValueError as exc:
+                raise InputError(f"{where}: {exc}") from None
         elif num("fl_x") is not None:
             fx = num("fl_x")
             k = cam.Intrinsics(fx, num("fl_y", fx), num("cx", w / 2), num("cy", h / 2), int(w), int(h))

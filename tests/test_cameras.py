@@ -98,8 +98,18 @@ def test_intrinsics():
     kb = cam.Intrinsics.from_blender(50, 36, 24, "AUTO", 1920, 1080)
     assert kb.fx == pytest.approx(50 / 36 * 1920)
     assert kb.fov_x == pytest.approx(2 * math.atan(18 / 50))
-    kv = cam.Intrinsics.from_blender(50, 36, 24, "AUTO", 1080, 1920)  # portrait: vertical fit
-    assert kv.fy == pytest.approx(50 / 24 * 1920)
+    # portrait AUTO: Blender puts sensor_width (not sensor_height) across the larger side, the height
+    kv = cam.Intrinsics.from_blender(50, 36, 24, "AUTO", 1080, 1920)
+    assert kv.fx == kv.fy == pytest.approx(50 / 36 * 1920)
+    # HORIZONTAL on a portrait frame still spans the width; VERTICAL on a landscape one, the height
+    assert cam.Intrinsics.from_blender(50, 36, 24, "HORIZONTAL", 1080, 1920).fx == pytest.approx(50 / 36 * 1080)
+    assert cam.Intrinsics.from_blender(50, 36, 24, "VERTICAL", 1920, 1080).fx == pytest.approx(50 / 24 * 1080)
+    # lens shift is in units of the fitted side; +shift_y moves the view up (cy grows, rows go down)
+    for fit, w, h, side in [("AUTO", 1080, 1920, 1920), ("HORIZONTAL", 1080, 1920, 1080), ("VERTICAL", 1920, 1080, 1080)]:
+        ks = cam.Intrinsics.from_blender(50, 36, 24, fit, w, h, 0.1, 0.2)
+        assert (ks.cx, ks.cy) == pytest.approx((w / 2 - 0.1 * side, h / 2 + 0.2 * side))
+    with pytest.raises(ValueError, match="sensor_fit"):
+        cam.Intrinsics.from_blender(50, 36, 24, "DIAGONAL", 100, 100)
     with pytest.raises(ValueError):
         cam.Intrinsics.from_fov(0.0, 10, 10)
 

@@ -203,6 +203,8 @@ def test_refine_job_bad_inputs(tiny_models):
         parse_cameras({"frames": [{"transform_matrix": [[float("nan")] * 4] * 4, "lens": 50}]})
     with pytest.raises(InputError, match="field of view"):
         parse_cameras({"frames": [{"transform_matrix": np.eye(4).tolist()}]})
+    with pytest.raises(InputError, match="camera 0.*sensor"):
+        parse_cameras({"frames": [{"transform_matrix": np.eye(4).tolist(), "lens": 50, "sensor_fit": "DIAGONAL"}]})
     with pytest.raises(InputError, match="GLB"):
         _run_job(tiny_models, {"prompt": "x"}, {"mesh": b"glTF" + b"\x02\x00\x00\x00" + (24).to_bytes(4, "little") + b"\0" * 12})
 
