@@ -42,7 +42,7 @@ PRESETS: dict[str, Preset] = {
         text_to_image="stable-diffusion-v1-5/stable-diffusion-v1-5",
         novel_view="ashawkey/zero123-xl-diffusers",
         novel_view_kind="zero123",
-        description="Stable Diffusion 1.5 and Zero-1-to-3 XL (about 6 GB of weights, fp16 on CUDA)",
+        description="Stable Diffusion 1.5 and Zero-1-to-3 XL (4.6-7.1 GB of fp16 weights: see prefetch)",
     ),
     "stable-zero123": Preset(
         "stable-zero123",

@@ -13,23 +13,21 @@ error naming the model and the command that fetches it, never a stack trace.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..jobs import ModelMissing
+from .files import components_of, human_size, pipeline_variant, select_files
 from .presets import TINY_PREFIX, Preset, resolve
 
 log = logging.getLogger("gen3d.models")
-
-# only what diffusers/transformers load: skips the multi-GB single-file checkpoints some repos carry
-ALLOW_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors", "*/*.model"]
-FP16_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.fp16.safetensors", "*/*.model"]
-
 
 def quiet_loading() -> None:
     """No per-file progress bars or deprecation chatter from the loaders (our own progress is shown)."""
@@ -53,9 +51,83 @@ def fetch_command(preset: str) -> str:
     return f"python -m backend prefetch --preset {preset}"
 
 
-def local_path(name: str, preset: str = "default", download: bool = True) -> Path:
+def _cached(name: str) -> Path | None:
+    """The local Hugging Face cache's snapshot of ``name``, without touching the network."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (any flavour of hub error)
+        return None
+    try:  # an interrupted download leaves model_index.json alone: not a model yet
+        with open(path / "model_index.json", encoding="utf-8") as f:
+            wanted = components_of(json.load(f)) or set()
+    except (OSError, ValueError):
+        return None
+    return path if all((path / c).is_dir() for c in wanted) else None
+
+
+@dataclass
+class DownloadPlan:
+    """What fetching ``name`` means: the files the loaders read (see :mod:`.files`) and their sizes."""
+
+    name: str
+    revision: str | None
+    files: list[tuple[str, int | None]]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(size or 0 for _, size in self.files)
+
+    def describe(self) -> list[str]:
+        lines = [f"  {path}  {human_size(size) if size is not None else '(size unknown)'}" for path, size in self.files]
+        lines.append(f"  {len(self.files)} files, {human_size(self.total_bytes)} in all")
+        return lines
+
+
+def plan_from_listing(name: str, sizes: dict[str, int | None], model_index: dict | None = None,
+                      revision: str | None = None, want_fp16: bool = True) -> DownloadPlan:
+    files = select_files(sizes, want_fp16, components_of(model_index))
+    return DownloadPlan(name, revision, [(f, sizes.get(f)) for f in files])
+
+
+def _hub_listing(name: str) -> tuple[dict[str, int | None], dict | None, str | None]:
+    """The hub's file listing of ``name`` with sizes, its ``model_index.json`` and the commit (network)."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    info = HfApi().model_info(name, files_metadata=True)
+    sizes = {s.rfilename: s.size for s in (info.siblings or [])}
+    index = None
+    if "model_index.json" in sizes:
+        with open(hf_hub_download(name, "model_index.json", revision=info.sha), encoding="utf-8") as f:
+            index = json.load(f)
+    return sizes, index, info.sha
+
+
+def _download(plan: DownloadPlan) -> Path:
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(plan.name, revision=plan.revision, allow_patterns=[f for f, _ in plan.files]))
+
+
+def plan_download(name: str, want_fp16: bool = True) -> DownloadPlan:
+    sizes, index, revision = _hub_listing(name)
+    if not sizes:
+        raise ModelMissing(f"model '{name}' lists no files on the hub")
+    return plan_from_listing(name, sizes, index, revision, want_fp16)
+
+
+def _missing(name: str, preset: str, exc: BaseException) -> ModelMissing:
+    return ModelMissing(
+        f"model '{name}' is not on this machine and could not be downloaded ({type(exc).__name__}: "
+        f"{(str(exc).splitlines() or [''])[0][:200]}). Fetch it with: {fetch_command(preset)} on a machine with network, "
+        "or copy the folder and pass it with --text-to-image-model/--novel-view-model")
+
+
+def local_path(name: str, preset: str = "default", download: bool = True, progress=None) -> Path:
     """Folder holding model ``name`` (hub id, folder or ``tiny:...``).
-    Downloads when allowed; raises :class:`ModelMissing` otherwise."""
+    Downloads (only the files the loaders read: :mod:`.files`) when allowed; raises
+    :class:`ModelMissing` otherwise. ``progress`` receives the download plan's lines."""
     if name.startswith(TINY_PREFIX):
         from .tiny import build_tiny
 
@@ -67,31 +139,34 @@ def local_path(name: str, preset: str = "default", download: bool = True) -> Pat
         return p
     if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
         raise ModelMissing(f"model folder {name} not found")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(name, allow_patterns=ALLOW_PATTERNS, local_files_only=True))
-    except Exception:  # noqa: BLE001 - not cached (any flavour of hub error): try the network
-        pass
+    cached = _cached(name)
+    if cached is not None:
+        return cached
     if not download or _offline():
         raise ModelMissing(
             f"model '{name}' is not on this machine and downloading is {'off (HF_HUB_OFFLINE)' if _offline() else 'disabled'}. "
             f"Fetch it with: {fetch_command(preset)}  (or point --text-to-image-model/--novel-view-model at a local folder)")
     try:
-        return Path(snapshot_download(name, allow_patterns=ALLOW_PATTERNS))
+        plan = plan_download(name)
+    except ModelMissing:
+        raise
     except Exception as exc:  # noqa: BLE001 - no network, unknown repo, auth...
-        raise ModelMissing(
-            f"model '{name}' is not on this machine and could not be downloaded ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:200]}). Fetch it with: {fetch_command(preset)} on a machine with network, "
-            "or copy the folder and pass it with --text-to-image-model/--novel-view-model") from None
+        raise _missing(name, preset, exc) from None
+    for line in plan.describe():
+        (progress or log.info)(line)
+    try:
+        return _download(plan)
+    except Exception as exc:  # noqa: BLE001
+        raise _missing(name, preset, exc) from None
 
 
 def prefetch(preset: Preset, progress=print) -> dict[str, Path]:
-    """Download (or build) every model of ``preset``; returns their folders."""
+    """Download (or build) every model of ``preset``; returns their folders. For a hub model,
+    what will be fetched (files and total size, from the hub's listing) is printed first."""
     out = {}
     for role, name in preset.models().items():
         progress(f"{role}: {name}")
-        out[role] = local_path(name, preset.name, download=True)
+        out[role] = local_path(name, preset.name, download=True, progress=progress)
         progress(f"  -> {out[role]}")
     return out
 
@@ -103,7 +178,8 @@ class ModelStore:
         self.preset = preset if isinstance(preset, Preset) else resolve(preset, **overrides)
         self.device = device
         self.low_vram = low_vram
-        self.dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+        self.fp16 = str(device).startswith("cuda")
+        self.dtype = torch.float16 if self.fp16 else torch.float32
         self._lock = threading.Lock()
         self._sd = None
         self._zero123 = None
@@ -122,7 +198,8 @@ class ModelStore:
                 path = local_path(self.preset.text_to_image, self.preset.name)
                 try:
                     pipe = StableDiffusionPipeline.from_pretrained(
-                        path, torch_dtype=self.dtype, safety_checker=None, requires_safety_checker=False)
+                        path, torch_dtype=self.dtype, variant=pipeline_variant(path, self.fp16),
+                        safety_checker=None, requires_safety_checker=False)
                 except (OSError, ValueError) as exc:
                     raise ModelMissing(f"could not load the text-to-image model from {path}: {exc}") from None
                 pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -143,7 +220,7 @@ class ModelStore:
             if self._zero123 is None:
                 path = local_path(self.preset.novel_view, self.preset.name)
                 try:
-                    parts = load_parts(str(path), self.preset.novel_view_kind, self.dtype)
+                    parts = load_parts(str(path), self.preset.novel_view_kind, self.dtype, prefer_fp16=self.fp16)
                 except (OSError, ValueError) as exc:
                     raise ModelMissing(f"could not load the novel-view model from {path}: {exc}") from None
                 if self.low_vram and str(self.device).startswith("cuda"):

@@ -28,6 +28,7 @@ Conditioning, exactly:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -64,22 +65,35 @@ class Zero123Parts:
     kind: str = "zero123"  # or "stable_zero123"
 
 
-def load_parts(path: str, kind: str = "zero123", dtype: torch.dtype = torch.float32) -> Zero123Parts:
-    """Load every component from a local folder in the published layout."""
+def load_parts(path: str, kind: str = "zero123", dtype: torch.dtype = torch.float32,
+               prefer_fp16: bool | None = None) -> Zero123Parts:
+    """Load every component from a local folder in the published layout. Each part's fp16
+    weight variant is read where the folder has it and it is preferred (``prefer_fp16``, by
+    default when ``dtype`` is fp16) or is all there is (see :func:`.files.weights_variant`)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
+    from .files import weights_variant
+
+    fp16 = dtype == torch.float16 if prefer_fp16 is None else prefer_fp16
+
+    def variant(sub: str) -> dict:
+        v = weights_variant(Path(path) / sub, fp16)
+        return {"variant": v} if v else {}
+
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **variant("unet"))
     if unet.config.in_channels != 8:
         raise ValueError(f"{path}/unet has {unet.config.in_channels} input channels; Zero-1-to-3 needs 8 "
                          "(noisy latent + reference latent)")
     return Zero123Parts(
         unet=unet,
-        vae=AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype),
-        image_encoder=CLIPVisionModelWithProjection.from_pretrained(path, subfolder="image_encoder", torch_dtype=dtype),
+        vae=AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **variant("vae")),
+        image_encoder=CLIPVisionModelWithProjection.from_pretrained(
+            path, subfolder="image_encoder", torch_dtype=dtype, **variant("image_encoder")),
         feature_extractor=CLIPImageProcessor.from_pretrained(path, subfolder="feature_extractor"),
         scheduler=DDIMScheduler.from_pretrained(path, subfolder="scheduler"),
-        projection=CLIPCameraProjection.from_pretrained(path, subfolder="clip_camera_projection", torch_dtype=dtype),
+        projection=CLIPCameraProjection.from_pretrained(path, subfolder="clip_camera_projection", torch_dtype=dtype,
+                                                        **variant("clip_camera_projection")),
         kind=kind,
     )
 
