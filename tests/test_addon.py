@@ -28,8 +28,8 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("bpy") is None, reason="needs the bpy module (pip install bpy==5.0.1)"),
 ]
 
-# a real backend on CPU takes longer than the stand-ins
-SESSION_TIMEOUT = 120 if os.environ.get("GEN3D_ADDON_BACKEND", "stub") == "stub" else 900
+# a real backend on CPU takes longer than the stand-ins; the image session alone takes ~65 s on 2 cores
+SESSION_TIMEOUT = 240 if os.environ.get("GEN3D_ADDON_BACKEND", "stub") == "stub" else 900
 PANELS = ("GEN3D_PT_generate_text", "GEN3D_PT_image_to_3d", "GEN3D_PT_refine_texture")
 OPERATORS = ("GEN3D_OT_generate_from_text", "GEN3D_OT_image_to_3d", "GEN3D_OT_refine_texture", "GEN3D_OT_cancel")
 
