@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from gen3d_wire import protocol as P
-from gen3d_wire.client import DEFAULT_ENDPOINT, BackendError, Client, CurveKeys, JobCancelled, new_req
+from gen3d_wire.client import DEFAULT_ENDPOINT, BackendError, Client, CurveKeys, JobCancelled, new_req, new_token
 
-from .jobs import JobSpec, Param
+from .jobs import DEFAULT_MAX_JOB_PIXELS, JobSpec, Param
 
 EXIT_OK, EXIT_FAIL, EXIT_UNREACHABLE, EXIT_CANCELLED, EXIT_USAGE = 0, 1, 3, 4, 2
 
@@ -108,6 +108,9 @@ def add_client_flags(parser: argparse.ArgumentParser, required: bool = False) ->
     g.add_argument("--server-key", default=os.environ.get("GEN3D_SERVER_KEY"),
                    help="the server's public CurveZMQ key (server.key file or 40-char Z85); env GEN3D_SERVER_KEY")
     g.add_argument("--client-key", default=None, help="this client's key pair (client.key_secret) if the server restricts clients")
+    g.add_argument("--client-token", default=None,
+                   help="who this client is to the server: jobs are visible only to the token that submitted them "
+                        "(default: env GEN3D_CLIENT_TOKEN, else a token kept in ~/.cache/gen3d/client.token)")
 
 
 def add_model_flags(g) -> None:
@@ -147,7 +150,33 @@ def make_client(args: argparse.Namespace) -> Client:
             pub_b, sec_b = zmq.auth.load_certificate(args.client_key)
             pub, sec = pub_b.decode(), (sec_b or b"").decode() or None
         curve = CurveKeys(load_public(args.server_key), pub, sec)
-    return Client(args.endpoint, timeout=args.timeout, curve=curve)
+    return Client(args.endpoint, timeout=args.timeout, curve=curve, token=client_token(args.client_token))
+
+
+def client_token(given: str | None = None) -> str:
+    """The CLI's client token: given, or GEN3D_CLIENT_TOKEN, or one kept (created on first use,
+    readable by the user only) in GEN3D_HOME/client.token, so a job submitted from one shell can be
+    fetched from another."""
+    token = given or os.environ.get("GEN3D_CLIENT_TOKEN", "").strip()
+    if token:
+        return token
+    base = os.environ.get("GEN3D_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "gen3d")
+    path = Path(base) / "client.token"
+    try:
+        token = path.read_text().strip()
+        if P.TOKEN_RE.match(token):
+            return token
+    except OSError:
+        pass
+    token = new_token()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+    except OSError:
+        pass  # a read-only home: this process's token only
+    return token
 
 
 # ---------------------------------------------------------------------------
@@ -272,9 +301,11 @@ def cmd_serve(args) -> int:
         device=args.device,
         jobs_dir=Path(args.jobs_dir) if args.jobs_dir else default_jobs_dir(),
         max_queue=args.max_queue,
-        limits=Limits(max_message_bytes=int(args.max_message_mb * 1024 * 1024), max_image_pixels=args.max_image_pixels),
+        limits=Limits(max_message_bytes=int(args.max_message_mb * 1024 * 1024), max_image_pixels=args.max_image_pixels,
+                      max_job_pixels=args.max_job_pixels),
         keys_dir=Path(args.keys) if args.keys else None,
         authorized_clients=Path(args.authorized_clients) if args.authorized_clients else None,
+        shared_jobs=args.shared_jobs,
     )
     try:
         from .server import check_bind_security
@@ -376,7 +407,7 @@ def cmd_cancel(args) -> int:
     try:
         with make_client(args) as c:
             req = new_req()
-            msg = c.request(P.cancel(args.job, req), req)
+            msg = c.request(P.cancel(args.job, req, c.token), req)
     except BackendError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return EXIT_UNREACHABLE if exc.code == "unreachable" else EXIT_FAIL
@@ -456,6 +487,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="jobs that may wait (default %(default)s)")
     p.add_argument("--max-message-mb", type=float, default=256.0, help="largest accepted message in MiB (default %(default)s)")
     p.add_argument("--max-image-pixels", type=int, default=P.DEFAULT_MAX_IMAGE_PIXELS, help="largest accepted image, in pixels")
+    p.add_argument("--max-job-pixels", type=int, default=DEFAULT_MAX_JOB_PIXELS,
+                   help="all images of one job together, in pixels (default %(default)s)")
+    p.add_argument("--shared-jobs", action="store_true",
+                   help="every client may see, fetch and cancel every job (default: only the client that submitted it)")
     p.add_argument("--keys", default=None, help="CurveZMQ key folder (python -m backend keys generate DIR); needed off loopback")
     p.add_argument("--authorized-clients", default=None, help="folder of client public keys allowed to connect")
     p.add_argument("--parent-pid", type=int, default=None,

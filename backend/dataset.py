@@ -98,8 +98,10 @@ def decode_image(data: bytes, max_pixels: int = 4096 * 4096, name: str = "image"
         im.load()
     except InputError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
-        raise InputError(f"{name} is not a readable image: {exc}") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{name} is not a PNG, JPEG or WebP image") from None
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
+        raise InputError(f"{name} is not a readable image ({type(exc).__name__}: {str(exc).split(' <')[0][:120]})") from None
     return pil_to_float(im)
 
 

@@ -74,17 +74,20 @@ class Param:
                 ErrorCode.BAD_PARAMS, f"{where} must be a {_TYPE_NAMES.get(t, t.__name__)}, got {type(value).__name__}"
             )
         if t is float:
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:  # an integer beyond a float's range
+                value = math.inf
             if not math.isfinite(value):
-                raise ProtocolError(ErrorCode.BAD_PARAMS, f"{where} must be finite")
+                raise ProtocolError(ErrorCode.BAD_PARAMS, f"{where} must be a finite number")
         if t is str and len(value) > 4000:
             raise ProtocolError(ErrorCode.BAD_PARAMS, f"{where} is longer than 4000 characters")
         if self.min is not None and value < self.min:
-            raise ProtocolError(ErrorCode.BAD_PARAMS, f"{where} must be >= {self.min}, got {value}")
+            raise ProtocolError(ErrorCode.BAD_PARAMS, f"{where} must be >= {self.min}, got {P.quote(value, 32)}")
         if self.max is not None and value > self.max:
-            raise ProtocolError(ErrorCode.BAD_PARAMS, f"{where} must be <= {self.max}, got {value}")
+            raise ProtocolError(ErrorCode.BAD_PARAMS, f"{where} must be <= {self.max}, got {P.quote(value, 32)}")
         if self.choices is not None and value not in self.choices:
-            raise ProtocolError(ErrorCode.BAD_PARAMS, f"{where} must be one of {list(self.choices)}, got {value!r}")
+            raise ProtocolError(ErrorCode.BAD_PARAMS, f"{where} must be one of {list(self.choices)}, got {P.quote(value)}")
         if self.check is not None:
             try:
                 value = self.check(value)
@@ -112,6 +115,8 @@ class AttachmentSpec:
     required: bool = False
     help: str = ""
     multiple: bool = False  # any number of attachments whose names start with ``name``
+    # a structural check of the bytes beyond their kind's (e.g. a GLB's accessors); raise ValueError
+    check: Callable[[bytes], None] | None = None
 
     def matches(self, name: str) -> bool:
         return name.startswith(self.name) if self.multiple else name == self.name
@@ -124,10 +129,15 @@ class AttachmentSpec:
         return d
 
 
+MAX_JSON_BYTES = 4 << 20  # a JSON attachment (cameras, transforms.json)
+DEFAULT_MAX_JOB_PIXELS = 1 << 26  # 67 Mpx: 64 views of 1024x1024, or 4 images of 4096x4096
+
+
 @dataclass
 class Limits:
     max_message_bytes: int = P.DEFAULT_MAX_MESSAGE_BYTES
-    max_image_pixels: int = P.DEFAULT_MAX_IMAGE_PIXELS
+    max_image_pixels: int = P.DEFAULT_MAX_IMAGE_PIXELS  # one image
+    max_job_pixels: int = DEFAULT_MAX_JOB_PIXELS  # all images of one job together (what decoding them costs)
 
 
 def check_image_bytes(data: bytes, max_pixels: int, name: str = "image") -> tuple[int, int]:
@@ -136,11 +146,13 @@ def check_image_bytes(data: bytes, max_pixels: int, name: str = "image") -> tupl
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only: the declared size
             w, h = im.size
             fmt = im.format
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ProtocolError(ErrorCode.BAD_PARAMS, f"attachment '{name}' is not a readable image: {exc}") from None
+    except UnidentifiedImageError:
+        raise ProtocolError(ErrorCode.BAD_PARAMS, f"attachment '{name}' is not a PNG, JPEG or WebP image") from None
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
+        raise ProtocolError(ErrorCode.BAD_PARAMS, f"attachment '{name}' is not a readable image ({type(exc).__name__})") from None
     if fmt not in ("PNG", "JPEG", "WEBP"):
         raise ProtocolError(ErrorCode.BAD_PARAMS, f"attachment '{name}' is {fmt}; send PNG (or JPEG/WebP)")
     if w * h > max_pixels:
@@ -205,28 +217,45 @@ class JobSpec:
         known = {p.name: p for p in self.params}
         unknown = sorted(set(params) - set(known))
         if unknown:
+            named = ", ".join(P.quote(u, 40) for u in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
             raise ProtocolError(
-                ErrorCode.BAD_PARAMS, f"unknown parameter(s) {unknown} for '{self.kind}'; known: {sorted(known)}"
+                ErrorCode.BAD_PARAMS, f"unknown parameter(s) {named} for '{self.kind}'; known: {sorted(known)}"
             )
         out = {name: p.validate(params[name]) if name in params else p.default for name, p in known.items()}
         data: dict[str, bytes] = {}
         found: dict[str, int] = {}
+        pixels = 0
         for att in attachments:
             spec = next((sp for sp in self.attachments if sp.matches(att.name)), None)
             if spec is None:
                 known = [sp.name + ("*" if sp.multiple else "") for sp in self.attachments]
-                raise ProtocolError(ErrorCode.BAD_PARAMS, f"unknown attachment {att.name!r} for '{self.kind}'; known: {known}")
+                raise ProtocolError(ErrorCode.BAD_PARAMS, f"unknown attachment {P.quote(att.name)} for '{self.kind}'; known: {known}")
             if len(att.data) == 0:
                 raise ProtocolError(ErrorCode.BAD_PARAMS, f"attachment '{att.name}' is empty")
             if spec.kind == "image":
-                check_image_bytes(att.data, limits.max_image_pixels, att.name)
+                w, h = check_image_bytes(att.data, limits.max_image_pixels, att.name)
+                pixels += w * h
+                if pixels > limits.max_job_pixels:
+                    raise ProtocolError(
+                        ErrorCode.TOO_LARGE, f"the images of this job add up to more than {limits.max_job_pixels} pixels "
+                        f"(the limit per job; '{att.name}' is {w}x{h}); send fewer or smaller images")
             elif spec.kind == "glb":
                 check_glb_bytes(att.data, att.name)
             elif spec.kind == "json":
+                if len(att.data) > MAX_JSON_BYTES:  # parsing costs ~30x its size in memory
+                    raise ProtocolError(ErrorCode.TOO_LARGE, f"attachment '{att.name}' is {len(att.data)} bytes of JSON; "
+                                        f"the limit is {MAX_JSON_BYTES}")
                 try:
                     json.loads(att.data.decode("utf-8"))
                 except (UnicodeDecodeError, ValueError) as exc:
-                    raise ProtocolError(ErrorCode.BAD_PARAMS, f"attachment '{att.name}' is not UTF-8 JSON: {exc}") from None
+                    raise ProtocolError(ErrorCode.BAD_PARAMS, f"attachment '{att.name}' is not UTF-8 JSON: {str(exc)[:200]}") from None
+                except RecursionError:
+                    raise ProtocolError(ErrorCode.BAD_PARAMS, f"attachment '{att.name}' is nested too deeply") from None
+            if spec.check is not None:
+                try:
+                    spec.check(att.data)
+                except ValueError as exc:
+                    raise ProtocolError(ErrorCode.BAD_PARAMS, f"attachment '{att.name}': {str(exc)[:500]}") from None
             data[att.name] = att.data
             found[spec.name] = found.get(spec.name, 0) + 1
         for spec in self.attachments:

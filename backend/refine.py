@@ -18,7 +18,7 @@ from gen3d_wire.protocol import Attachment
 from . import cameras as cam
 from .dataset import decode_image, encode_png, resize_rgba
 from .jobs import AttachmentSpec, InputError, JobContext, JobInputs, JobOutput, JobSpec, Param
-from .mesh.gltf import read_glb, write_glb
+from .mesh.gltf import check_glb, read_glb, write_glb
 from .mesh.textured import TexturedMesh, vertex_normals
 from .mesh.uv import unwrap
 from .mesh.raster import rasterize_mesh
@@ -301,7 +301,7 @@ SPEC = JobSpec(
         Param("reference_elevation", float, 0.0, "elevation of the reference image's camera", min=-60.0, max=80.0),
     ),
     attachments=(
-        AttachmentSpec("mesh", "glb", True, "the mesh to refine (one mesh, world transform applied)"),
+        AttachmentSpec("mesh", "glb", True, "the mesh to refine (one mesh, world transform applied)", check=check_glb),
         AttachmentSpec("image", "image", False, "optional reference image (seen from the front, -Y)"),
         AttachmentSpec("cameras", "json", False, "optional scene cameras to refine what they see"),
     ),

@@ -24,7 +24,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gen3d_wire.client import Client  # noqa: E402
+from backend.server import owner_key  # noqa: E402
+from gen3d_wire.client import Client, new_token  # noqa: E402
 
 
 def make_glb(target_mb: float) -> bytes:
@@ -50,11 +51,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         jobs = Path(tmp) / "jobs"
         job = uuid.uuid4().hex
+        token = new_token()  # jobs belong to a client: this one owns the placed job
         glb = make_glb(args.mb)
         (jobs / job / "result").mkdir(parents=True)
         (jobs / job / "result" / "model.glb").write_bytes(glb)
         (jobs / job / "job.json").write_text(json.dumps({
-            "id": job, "kind": "bench", "params": {}, "state": "done", "metadata": {},
+            "id": job, "kind": "bench", "params": {}, "state": "done", "metadata": {}, "owner": owner_key(token, b""),
             "results": [{"name": "model.glb", "mime": "model/gltf-binary", "size": len(glb)}],
         }))
         proc = subprocess.Popen([sys.executable, "-m", "backend", "serve", "--port", "0", "--jobs-dir", str(jobs)],
@@ -62,7 +64,7 @@ def main() -> None:
         try:
             line = proc.stdout.readline()
             endpoint = line.strip().split("listening on ")[1]
-            with Client(endpoint, timeout=30) as c:
+            with Client(endpoint, timeout=30, token=token) as c:
                 for _ in range(50):
                     c.ping()
                 rtts = [c.ping() for _ in range(args.pings)]

@@ -70,6 +70,7 @@ class Connection:
     timeout: float = 10.0
     curve: Any = None  # gen3d_wire.client.CurveKeys or None
     auto_start: AutoStart | None = None
+    token: str | None = None  # the client token jobs belong to (kept in the preferences)
 
 
 @dataclass
@@ -296,7 +297,7 @@ class Manager:
         _, C = wire.require()
         self._close_probe()
         # timeout 0: a send without a connection fails at once (retried next tick) instead of blocking the UI
-        self._probe = C.Client(self._conn.endpoint, timeout=0.0, curve=self._conn.curve)
+        self._probe = C.Client(self._conn.endpoint, timeout=0.0, curve=self._conn.curve, token=self._conn.token)
         self._probe_req = None
 
     def _close_probe(self) -> None:
@@ -311,7 +312,7 @@ class Manager:
         if self._probe_req is None:
             req = C.new_req()
             try:
-                self._probe.send(P.capabilities_request(req))
+                self._probe.send(P.capabilities_request(req, self._probe.token))
                 self._probe_req = req
             except C.BackendError:
                 pass  # not connected yet: try again next tick

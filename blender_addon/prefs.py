@@ -46,6 +46,10 @@ class GEN3D_AddonPreferences(bpy.types.AddonPreferences):
     start_timeout: FloatProperty(
         name="Start Timeout", default=180.0, min=5.0, max=3600.0, unit="TIME_ABSOLUTE",
         description="Seconds to wait for the started backend to answer (loading models takes a while)")
+    client_token: StringProperty(
+        name="Client Token", subtype="PASSWORD",
+        description="Who this Blender is to the backend: jobs are visible only to the token that submitted them. "
+                    "Made on first use and kept with the preferences; give another Blender the same token to share jobs")
 
     def draw(self, context):
         draw_preferences(self, self.layout)
@@ -108,6 +112,16 @@ def auto_start_spec(prefs) -> AutoStart:
                      start_timeout=float(prefs.start_timeout))
 
 
+def client_token(prefs) -> str:
+    """The add-on's client token, made on first use (call from an operator, not from a draw)."""
+    token = prefs.client_token.strip()
+    if not token or (wire.P is not None and not wire.P.TOKEN_RE.match(token)):
+        import secrets
+
+        token = prefs.client_token = secrets.token_urlsafe(24)
+    return token
+
+
 def connection(prefs, force_start: bool = False) -> Connection:
     """The Connection for a job. Raises ValueError (bad key) or PermissionError (online access off)."""
     spec = auto_start_spec(prefs) if (prefs.auto_start or force_start) else None
@@ -115,7 +129,7 @@ def connection(prefs, force_start: bool = False) -> Connection:
     if not endpoint_is_local(endpoint) and not bpy.app.online_access:
         raise PermissionError(f"Blender's online access is off, so the add-on does not connect to {endpoint}.")
     return Connection(endpoint=endpoint, timeout=float(prefs.timeout), curve=None if spec else curve_keys(prefs),
-                      auto_start=spec)
+                      auto_start=spec, token=client_token(prefs))
 
 
 def draw_status_lines(layout, outcome) -> None:
@@ -137,6 +151,7 @@ def draw_preferences(prefs, layout) -> None:
     sub.prop(prefs, "endpoint")
     sub.prop(prefs, "server_key")
     sub.prop(prefs, "client_key")
+    box.prop(prefs, "client_token")
     box.prop(prefs, "timeout")
     if not prefs.auto_start and not endpoint_is_local(prefs.endpoint) and not bpy.app.online_access:
         warn = box.column()

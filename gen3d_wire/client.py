@@ -13,12 +13,19 @@ Reliability follows the "Lazy Pirate" habit: every wait has a timeout, and a
 socket that timed out is closed with LINGER 0 and replaced, never reused.
 Submits carry a request id the server de-duplicates, so a retried submit never
 starts a second job.
+
+Jobs belong to the client that submitted them: every request carries this
+client's token (``client``). By default all clients of one process share a
+random token, so a reconnected socket still reaches its jobs; pass ``token`` (or
+set ``GEN3D_CLIENT_TOKEN``) to reach them from another process, as the Blender
+add-on does with the token it keeps in its preferences.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import secrets
 import time
 import uuid
 from collections import deque
@@ -64,6 +71,19 @@ def new_req() -> str:
     return f"{_prefix}-{os.getpid()}-{next(_counter)}"
 
 
+_PROCESS_TOKEN = secrets.token_urlsafe(24)
+
+
+def new_token() -> str:
+    """A fresh client token (32 URL-safe characters): whoever holds it can see the jobs submitted with it."""
+    return secrets.token_urlsafe(24)
+
+
+def default_token() -> str:
+    env = os.environ.get("GEN3D_CLIENT_TOKEN", "").strip()
+    return env if env else _PROCESS_TOKEN
+
+
 @dataclass
 class CurveKeys:
     """CurveZMQ settings for a client: the server's public key (Z85, 40 chars)
@@ -95,7 +115,11 @@ class Client:
         curve: CurveKeys | None = None,
         max_message_bytes: int = P.DEFAULT_MAX_MESSAGE_BYTES,
         context: zmq.Context | None = None,
+        token: str | None = None,
     ):
+        self.token = token or default_token()
+        if not P.TOKEN_RE.match(self.token):
+            raise ValueError("a client token is 16-128 letters, digits, '-' or '_'")
         self.endpoint = endpoint
         self.timeout = float(timeout)
         self.curve = curve
@@ -216,17 +240,17 @@ class Client:
         """Round-trip time in seconds."""
         req = new_req()
         t0 = time.perf_counter()
-        self.request(P.ping(req), req, timeout, "ping")
+        self.request(P.ping(req, self.token), req, timeout, "ping")
         return time.perf_counter() - t0
 
     def capabilities(self, timeout: float | None = None) -> dict:
         req = new_req()
-        msg = self.request(P.capabilities_request(req), req, timeout, "capabilities")
+        msg = self.request(P.capabilities_request(req, self.token), req, timeout, "capabilities")
         return _strip(msg.header)
 
     def status(self, job: str | None = None, timeout: float | None = None) -> dict:
         req = new_req()
-        msg = self.request(P.status(job, req), req, timeout, "status")
+        msg = self.request(P.status(job, req, self.token), req, timeout, "status")
         return _strip(msg.header)
 
     def submit(self, kind: str, params: Mapping[str, Any] | None = None, attachments: Sequence[P.Attachment] = (), timeout: float | None = None) -> str:
@@ -234,21 +258,23 @@ class Client:
         Retries once on a fresh socket with the same request id (the server
         de-duplicates), so a lost reply never starts the job twice."""
         req = new_req()
-        frames = P.submit(kind, params, attachments, req)
+        frames = P.submit(kind, params, attachments, req, self.token)
         try:
             msg = self.request(frames, req, timeout, "submit")
         except Unreachable:
             msg = self.request(frames, req, timeout, "submit (retry)")
+        if msg.type in P.TERMINAL_TYPES:  # the job had already finished: its end is the first event
+            self._pending.appendleft(P.Message({k: v for k, v in msg.header.items() if k != "req"}, msg.attachments))
         return msg.get("job")
 
     def cancel(self, job: str) -> None:
         """Ask the server to cancel; the job's stream ends with ``cancelled``."""
-        self.send(P.cancel(job, new_req()))
+        self.send(P.cancel(job, new_req(), self.token))
 
     def fetch(self, job: str, timeout: float | None = None) -> P.Message:
         """The stored result of a finished job (raises BackendError otherwise)."""
         req = new_req()
-        msg = self.request(P.fetch(job, False, req), req, timeout, "fetch")
+        msg = self.request(P.fetch(job, False, req, self.token), req, timeout, "fetch")
         if msg.type == P.CANCELLED:
             raise JobCancelled(job)
         return msg
@@ -278,7 +304,7 @@ class Client:
                 if info.get("state") in (None, P.DONE, P.FAILED, P.CANCELLED_STATE):
                     req = new_req()
                     watch_reqs.add(req)
-                    self.send(P.fetch(job, True, req))
+                    self.send(P.fetch(job, True, req, self.token))
                 continue
             yield msg
             if msg.type in P.TERMINAL_TYPES:
@@ -353,9 +379,10 @@ class JobWatcher:
         curve: CurveKeys | None = None,
         silence_timeout: float = 120.0,
         client: Client | None = None,
+        token: str | None = None,
     ):
         # an already-connected client can be handed in: its first send does not wait for a connection
-        self.client = client if client is not None else Client(endpoint, timeout=timeout, curve=curve)
+        self.client = client if client is not None else Client(endpoint, timeout=timeout, curve=curve, token=token)
         self.kind = kind
         self.params = dict(params or {})
         self.attachments = list(attachments)
@@ -373,7 +400,7 @@ class JobWatcher:
 
     def start(self) -> None:
         try:
-            self.client.send(P.submit(self.kind, self.params, self.attachments, self._req))
+            self.client.send(P.submit(self.kind, self.params, self.attachments, self._req, self.client.token))
         except BackendError:
             self._sent_at = time.monotonic() - self.timeout  # poll() reports it at once
             return
@@ -383,7 +410,7 @@ class JobWatcher:
         self.cancel_requested = True
         if self.job is not None and not self.done:
             try:
-                self.client.send(P.cancel(self.job, new_req()))
+                self.client.send(P.cancel(self.job, new_req(), self.client.token))
             except BackendError:
                 pass
 
@@ -422,7 +449,7 @@ class JobWatcher:
                 self._status_req = new_req()
                 self._status_sent_at = now
                 try:
-                    self.client.send(P.status(self.job, self._status_req))
+                    self.client.send(P.status(self.job, self._status_req, self.client.token))
                 except BackendError:
                     pass
             elif now - self._status_sent_at > self.silence_timeout:
@@ -445,13 +472,15 @@ class JobWatcher:
                 return JobEvent("accepted", self.job)
             if t == P.ERROR:
                 return JobEvent("error", msg.get("job"), code=msg.get("code"), message=msg.get("message"))
+            if t in (P.RESULT, P.CANCELLED) and self.job is None:  # a retried submit of a finished job
+                self.job = msg.get("job")
         if self._status_req is not None and msg.get("req") == self._status_req:
             self._status_req = None
             if msg.get("state") in (P.DONE, P.FAILED, P.CANCELLED_STATE):
                 # the terminal message was lost: ask for it again
                 wreq = new_req()
                 self._watch_reqs.add(wreq)
-                self.client.send(P.fetch(self.job, True, wreq))
+                self.client.send(P.fetch(self.job, True, wreq, self.client.token))
             return None
         if msg.get("job") != self.job or self.job is None or t == P.STATUS:
             return None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -23,6 +24,8 @@ SUPPORTED_VERSIONS = (1,)
 # Limits a peer may rely on. The server may lower them (capabilities says).
 MAX_HEADER_BYTES = 64 * 1024
 MAX_ATTACHMENTS = 1024
+MAX_DEPTH = 32  # nesting of arrays/objects in a header
+MAX_ERROR_MESSAGE = 2000  # characters of an error reply's message
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 
@@ -69,6 +72,7 @@ class ErrorCode:
     UNKNOWN_JOB = "unknown_job"  # no such job id
     NOT_READY = "not_ready"  # fetch of a job that has no result (yet)
     NOT_CANCELLABLE = "not_cancellable"  # job already finished
+    EXPIRED = "expired"  # the job finished long ago and its record was removed
     BAD_INPUT = "bad_input"  # the job ran and found its input unusable
     MODEL_MISSING = "model_missing"  # weights not on disk and no network
     OUT_OF_MEMORY = "out_of_memory"
@@ -138,7 +142,9 @@ def encode(header: Mapping[str, Any], attachments: Sequence[Attachment] = ()) ->
     hdr = dict(header)
     hdr["v"] = PROTOCOL_VERSION
     hdr["attachments"] = [a.describe() for a in attachments]
-    raw = json.dumps(hdr, default=_json_default, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    # UTF-8, not \u escapes (an emoji is 4 bytes, not 12); a lone surrogate becomes '?'
+    raw = json.dumps(hdr, default=_json_default, allow_nan=False, ensure_ascii=False,
+                     separators=(",", ":")).encode("utf-8", "replace")
     if len(raw) > MAX_HEADER_BYTES:
         raise ValueError(f"header is {len(raw)} bytes, over the {MAX_HEADER_BYTES} byte limit")
     return [raw] + [a.data for a in attachments]
@@ -149,7 +155,44 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_num(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def quote(value: Any, limit: int = 64) -> str:
+    """``repr`` of a value a peer sent, cut to ``limit`` characters: what error messages echo."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _finite_float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError(f"number {text[:32]} is out of range")
+    return v
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _depth_ok(obj: Any, limit: int) -> bool:
+    """Arrays/objects nested at most ``limit`` deep (iterative: no recursion to exhaust)."""
+    stack = [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, dict):
+            o = o.values()
+        elif not isinstance(o, list):
+            continue
+        if d > limit:
+            return False
+        stack.extend((c, d + 1) for c in o if isinstance(c, (dict, list)))
+    return True
 
 
 # Per-type header fields: name -> (required, check, description of the type)
@@ -159,14 +202,18 @@ _DICT = (lambda v: isinstance(v, dict), "an object")
 _BOOL = (lambda v: isinstance(v, bool), "true or false")
 _FRACTION = (lambda v: _is_num(v) and 0.0 <= v <= 1.0, "a number in [0, 1]")
 _ANY_STR = (lambda v: isinstance(v, str), "a string")
+TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
+# a client's secret token: jobs belong to the client that submitted them (see docs/protocol.md)
+_TOKEN = (lambda v: v is None or (isinstance(v, str) and TOKEN_RE.match(v) is not None),
+          "16-128 letters, digits, '-' or '_'")
 
 _SCHEMAS: dict[str, dict[str, tuple[bool, tuple]]] = {
-    SUBMIT: {"kind": (True, _STR), "params": (False, _DICT), "req": (False, _OPT_STR)},
-    CANCEL: {"job": (True, _STR), "req": (False, _OPT_STR)},
-    STATUS: {"job": (False, _OPT_STR), "req": (False, _OPT_STR)},
-    FETCH: {"job": (True, _STR), "watch": (False, _BOOL), "req": (False, _OPT_STR)},
-    PING: {"req": (False, _OPT_STR)},
-    CAPABILITIES: {"req": (False, _OPT_STR)},
+    SUBMIT: {"kind": (True, _STR), "params": (False, _DICT), "req": (False, _OPT_STR), "client": (False, _TOKEN)},
+    CANCEL: {"job": (True, _STR), "req": (False, _OPT_STR), "client": (False, _TOKEN)},
+    STATUS: {"job": (False, _OPT_STR), "req": (False, _OPT_STR), "client": (False, _TOKEN)},
+    FETCH: {"job": (True, _STR), "watch": (False, _BOOL), "req": (False, _OPT_STR), "client": (False, _TOKEN)},
+    PING: {"req": (False, _OPT_STR), "client": (False, _TOKEN)},
+    CAPABILITIES: {"req": (False, _OPT_STR), "client": (False, _TOKEN)},
     ACCEPTED: {"job": (True, _STR), "kind": (True, _STR)},
     PROGRESS: {"job": (True, _STR), "stage": (True, _OPT_STR), "fraction": (True, _FRACTION), "message": (False, _ANY_STR)},
     RESULT: {"job": (True, _STR), "metadata": (False, _DICT)},
@@ -185,26 +232,30 @@ def decode(frames: Sequence[bytes], *, expect: Iterable[str] | None = None) -> M
     """
     if not frames:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "empty message")
+    if len(frames[0]) > MAX_HEADER_BYTES:  # checked before anything is copied or parsed
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"header frame is {len(frames[0])} bytes; the limit is {MAX_HEADER_BYTES}")
     raw = bytes(frames[0])
-    if len(raw) > MAX_HEADER_BYTES:
-        raise ProtocolError(ErrorCode.TOO_LARGE, f"header frame is {len(raw)} bytes; the limit is {MAX_HEADER_BYTES}")
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), parse_float=_finite_float, parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"frame 0 must be a UTF-8 JSON object: {exc}") from None
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"frame 0 must be a UTF-8 JSON object: {str(exc)[:200]}") from None
+    except RecursionError:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"frame 0 is nested more than {MAX_DEPTH} levels deep") from None
     if not isinstance(header, dict):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "frame 0 must be a JSON object")
+    if not _depth_ok(header, MAX_DEPTH):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"frame 0 is nested more than {MAX_DEPTH} levels deep")
     version = header.get("v")
     if not _is_int(version):
         raise ProtocolError(ErrorCode.BAD_VERSION, f"header needs an integer 'v' (protocol version, this peer speaks {PROTOCOL_VERSION})")
     if version not in SUPPORTED_VERSIONS:
-        raise ProtocolError(ErrorCode.BAD_VERSION, f"protocol version {version} is not supported; supported: {list(SUPPORTED_VERSIONS)}")
+        raise ProtocolError(ErrorCode.BAD_VERSION, f"protocol version {quote(version, 32)} is not supported; supported: {list(SUPPORTED_VERSIONS)}")
     mtype = header.get("type")
     if not isinstance(mtype, str):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "header needs a string 'type'")
     allowed = tuple(expect) if expect is not None else REQUEST_TYPES + REPLY_TYPES
     if mtype not in allowed:
-        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {mtype!r}; expected one of {sorted(set(allowed))}")
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {quote(mtype)}; expected one of {sorted(set(allowed))}")
     for name, (required, (check, what)) in _SCHEMAS.get(mtype, {}).items():
         if name not in header:
             if required:
@@ -233,14 +284,14 @@ def decode(frames: Sequence[bytes], *, expect: Iterable[str] | None = None) -> M
         if not isinstance(name, str) or not name or len(name) > 128:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"attachments[{i}] needs a 'name' (string, 1-128 chars)")
         if name in seen:
-            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"attachment name {name!r} appears twice")
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"attachment name {quote(name)} appears twice")
         seen.add(name)
         if not isinstance(mime, str):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"attachments[{i}].mime must be a string")
         data = bytes(data)
         if size is not None and (not _is_int(size) or size != len(data)):
             raise ProtocolError(
-                ErrorCode.BAD_MESSAGE, f"attachment {name!r} declares size {size!r} but its frame has {len(data)} bytes"
+                ErrorCode.BAD_MESSAGE, f"attachment {quote(name)} declares size {quote(size, 32)} but its frame has {len(data)} bytes"
             )
         attachments.append(Attachment(name=name, mime=mime, data=data))
     return Message(header=header, attachments=attachments)
@@ -250,37 +301,40 @@ def decode(frames: Sequence[bytes], *, expect: Iterable[str] | None = None) -> M
 # Constructors: every producer of a message goes through these.
 
 
-def _with_req(header: dict, req: str | None) -> dict:
+def _with_req(header: dict, req: str | None, client: str | None = None) -> dict:
     if req is not None:
         header["req"] = req
+    if client is not None:
+        header["client"] = client
     return header
 
 
-def submit(kind: str, params: Mapping[str, Any] | None = None, attachments: Sequence[Attachment] = (), req: str | None = None) -> list[bytes]:
-    return encode(_with_req({"type": SUBMIT, "kind": kind, "params": dict(params or {})}, req), attachments)
+def submit(kind: str, params: Mapping[str, Any] | None = None, attachments: Sequence[Attachment] = (), req: str | None = None,
+           client: str | None = None) -> list[bytes]:
+    return encode(_with_req({"type": SUBMIT, "kind": kind, "params": dict(params or {})}, req, client), attachments)
 
 
-def cancel(job: str, req: str | None = None) -> list[bytes]:
-    return encode(_with_req({"type": CANCEL, "job": job}, req))
+def cancel(job: str, req: str | None = None, client: str | None = None) -> list[bytes]:
+    return encode(_with_req({"type": CANCEL, "job": job}, req, client))
 
 
-def status(job: str | None = None, req: str | None = None) -> list[bytes]:
+def status(job: str | None = None, req: str | None = None, client: str | None = None) -> list[bytes]:
     hdr: dict = {"type": STATUS}
     if job is not None:
         hdr["job"] = job
-    return encode(_with_req(hdr, req))
+    return encode(_with_req(hdr, req, client))
 
 
-def fetch(job: str, watch: bool = False, req: str | None = None) -> list[bytes]:
-    return encode(_with_req({"type": FETCH, "job": job, "watch": watch}, req))
+def fetch(job: str, watch: bool = False, req: str | None = None, client: str | None = None) -> list[bytes]:
+    return encode(_with_req({"type": FETCH, "job": job, "watch": watch}, req, client))
 
 
-def ping(req: str | None = None) -> list[bytes]:
-    return encode(_with_req({"type": PING}, req))
+def ping(req: str | None = None, client: str | None = None) -> list[bytes]:
+    return encode(_with_req({"type": PING}, req, client))
 
 
-def capabilities_request(req: str | None = None) -> list[bytes]:
-    return encode(_with_req({"type": CAPABILITIES}, req))
+def capabilities_request(req: str | None = None, client: str | None = None) -> list[bytes]:
+    return encode(_with_req({"type": CAPABILITIES}, req, client))
 
 
 def accepted(job: str, kind: str, position: int, req: str | None = None) -> list[bytes]:
@@ -312,7 +366,16 @@ def result(job: str, metadata: Mapping[str, Any], attachments: Sequence[Attachme
 
 
 def error(code: str, message: str, job: str | None = None, req: str | None = None) -> list[bytes]:
-    hdr = {"type": ERROR, "code": code, "message": message}
+    """An error reply; it always encodes (the message is cut to MAX_ERROR_MESSAGE characters, and
+    ``job``/``req`` are dropped if they are not what a reply may carry)."""
+    message = str(message)
+    if len(message) > MAX_ERROR_MESSAGE:
+        message = message[: MAX_ERROR_MESSAGE - 1] + "…"
+    if not (isinstance(req, str) and len(req) <= 256):
+        req = None
+    if not (isinstance(job, str) and len(job) <= 256):
+        job = None
+    hdr = {"type": ERROR, "code": str(code)[:64], "message": message}
     if job is not None:
         hdr["job"] = job
     return encode(_with_req(hdr, req))

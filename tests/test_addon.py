@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from addon_helpers import ROOT, BlenderSessions, find_cached_wheel, icosphere, start_backend
+from gen3d_wire.client import BackendError, Client, new_token
 
 pytestmark = [
     pytest.mark.blender,
@@ -40,8 +41,6 @@ KINDS = ("text_to_3d", "image_to_3d", "refine_texture")
 @pytest.fixture(scope="module")
 def backend_server(tmp_path_factory):
     """(endpoint, is_stub, kinds offered) of the backend the live tests use (see GEN3D_ADDON_BACKEND)."""
-    from gen3d_wire.client import Client
-
     endpoint, stop, is_stub = start_backend(tmp_path_factory.mktemp("addon_jobs"))
     try:
         with Client(endpoint, timeout=10) as c:
@@ -227,7 +226,7 @@ emit(result=sorted(res), seconds=seconds, new=[o.name for o in new], types=[o.ty
      base_color_linked=bool(bsdf.inputs["Base Color"].links),
      image_size=list(imgs[0].size) if imgs else None,
      info=json.loads(obj.get("gen3d", "{}")), outcome=mgr.outcome.state, message=mgr.outcome.message,
-     **undo_redo(before))
+     token=p.client_token, **undo_redo(before))
 '''
 
 
@@ -256,6 +255,12 @@ def test_generate_from_text_adds_a_textured_object_at_the_cursor_facing_the_came
     assert radius.max() <= 1.0 + 1e-3 and radius.max() > 0.5  # fits the unit sphere around the cursor
     assert d["info"]["prompt"] == "a red wooden chair" and d["info"]["job"]
     assert d["undo_restores"] and d["redo_restores"], "one undo step must remove the whole result"
+    # the job belongs to the token the add-on made and keeps in its preferences, and to no one else
+    with Client(endpoint, timeout=10, token=d["token"]) as owner:
+        assert owner.status(d["info"]["job"])["state"] == "done"
+    with Client(endpoint, timeout=10, token=new_token()) as stranger, pytest.raises(BackendError) as info:
+        stranger.status(d["info"]["job"])
+    assert info.value.code == "unknown_job"
     if stub:
         np.testing.assert_allclose(radius, 1.0, atol=1e-4)
         # the stand-in's icosphere, rotated and moved: every vertex where it should be

@@ -19,6 +19,7 @@ from backend.mesh.gltf import read_glb, write_glb
 from backend.mesh.textured import TexturedMesh, render_mesh_rgba, render_textured, vertex_normals
 from backend.metrics import psnr_union
 from backend.sds import OracleGuidance, RefineSettings, StableDiffusionGuidance, Zero123Guidance, refine_texture, view_suffix
+from gen3d_wire.protocol import ErrorCode, ProtocolError
 
 from conftest import ROOT
 
@@ -205,8 +206,12 @@ def test_refine_job_bad_inputs(tiny_models):
         parse_cameras({"frames": [{"transform_matrix": np.eye(4).tolist()}]})
     with pytest.raises(InputError, match="camera 0.*sensor"):
         parse_cameras({"frames": [{"transform_matrix": np.eye(4).tolist(), "lens": 50, "sensor_fit": "DIAGONAL"}]})
-    with pytest.raises(InputError, match="GLB"):
-        _run_job(tiny_models, {"prompt": "x"}, {"mesh": b"glTF" + b"\x02\x00\x00\x00" + (24).to_bytes(4, "little") + b"\0" * 12})
+    broken = b"glTF" + b"\x02\x00\x00\x00" + (24).to_bytes(4, "little") + b"\0" * 12
+    with pytest.raises(ProtocolError, match="GLB") as info:  # refused when submitted, before the job runs
+        _run_job(tiny_models, {"prompt": "x"}, {"mesh": broken})
+    assert info.value.code == ErrorCode.BAD_PARAMS
+    with pytest.raises(InputError, match="GLB"):  # and by the reader itself
+        read_glb(broken)
 
 
 def test_scene_cameras_from_blender_lens_data():

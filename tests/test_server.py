@@ -272,7 +272,7 @@ def test_cancel_running_job_stops_within_a_second(server):
         # a second cancel is refused politely
         req = new_req()
         with pytest.raises(BackendError) as info:
-            c.request(P.cancel(job, req), req)
+            c.request(P.cancel(job, req, c.token), req)
         assert info.value.code == ErrorCode.NOT_CANCELLABLE
 
 

@@ -213,11 +213,23 @@ def _parse_glb(data: bytes) -> tuple[dict, bytes]:
     return gltf, binary
 
 
+MAX_ELEMENTS = 1 << 24  # vertices or indices of one accessor (16.7 M): more than any mesh worth refining
+
+
+def _int(value, what: str, lo: int = 0, hi: int = 1 << 40) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise InputError(f"GLB {what} must be an integer in [{lo}, {hi}], got {str(value)[:32]}")
+    return value
+
+
 def _accessor(gltf: dict, binary: bytes, i: int) -> np.ndarray:
-    try:
-        acc = gltf["accessors"][i]
-    except (IndexError, KeyError, TypeError):
-        raise InputError(f"GLB accessor {i} does not exist") from None
+    """The accessor's data, after checking it against its buffer view and the binary chunk's
+    length (nothing is allocated from a count the file does not back with bytes)."""
+    accessors = gltf.get("accessors")
+    i = _int(i, "accessor index", 0, (len(accessors) - 1) if isinstance(accessors, list) else -1)
+    acc = accessors[i]
+    if not isinstance(acc, dict):
+        raise InputError(f"GLB accessor {i} is not an object")
     if "sparse" in acc:
         raise InputError("GLB sparse accessors are not supported")
     ctype = acc.get("componentType")
@@ -225,18 +237,32 @@ def _accessor(gltf: dict, binary: bytes, i: int) -> np.ndarray:
         raise InputError(f"GLB accessor {i} has an unknown type")
     dtype = np.dtype(_COMPONENT[ctype])
     ncomp = _NCOMP[acc["type"]]
-    count = int(acc.get("count", 0))
+    count = _int(acc.get("count", 0), f"accessor {i} count", 0, MAX_ELEMENTS)
     if "bufferView" not in acc:
-        return np.zeros((count, ncomp), dtype)
-    bv = gltf["bufferViews"][acc["bufferView"]]
-    if bv.get("buffer", 0) != 0 or "uri" in gltf.get("buffers", [{}])[bv.get("buffer", 0)]:
+        # all zeros by the spec (a sparse accessor's base): never geometry worth allocating for
+        raise InputError(f"GLB accessor {i} has no bufferView (no data)")
+    views = gltf.get("bufferViews")
+    vi = _int(acc["bufferView"], f"accessor {i} bufferView", 0, (len(views) - 1) if isinstance(views, list) else -1)
+    bv = views[vi]
+    if not isinstance(bv, dict):
+        raise InputError(f"GLB bufferView {vi} is not an object")
+    buffers = gltf.get("buffers") or [{}]
+    bi = _int(bv.get("buffer", 0), f"bufferView {vi} buffer", 0, len(buffers) - 1)
+    if bi != 0 or (isinstance(buffers[0], dict) and "uri" in buffers[0]):
         raise InputError("GLB references an external buffer; embed everything in the GLB")
-    base = int(bv.get("byteOffset", 0)) + int(acc.get("byteOffset", 0))
+    view_off = _int(bv.get("byteOffset", 0), f"bufferView {vi} byteOffset")
+    view_len = _int(bv.get("byteLength", 0), f"bufferView {vi} byteLength")
+    if view_off + view_len > len(binary):
+        raise InputError(f"GLB bufferView {vi} reaches past the end of the binary chunk")
     elem = dtype.itemsize * ncomp
-    stride = int(bv.get("byteStride", 0)) or elem
-    need = base + stride * (count - 1) + elem if count else base
-    if need > len(binary):
-        raise InputError(f"GLB accessor {i} reads past the end of the binary chunk")
+    stride = _int(bv.get("byteStride", 0), f"bufferView {vi} byteStride", 0, 252) or elem
+    if stride < elem:
+        raise InputError(f"GLB bufferView {vi} byteStride {stride} is shorter than an element ({elem} bytes)")
+    start = _int(acc.get("byteOffset", 0), f"accessor {i} byteOffset")
+    need = start + stride * (count - 1) + elem if count else start
+    if need > view_len:
+        raise InputError(f"GLB accessor {i} claims {count} elements, more than its bufferView holds")
+    base = view_off + start
     if stride == elem:
         arr = np.frombuffer(binary, dtype=dtype, count=count * ncomp, offset=base).reshape(count, ncomp)
     else:
@@ -287,13 +313,31 @@ def _image(gltf: dict, binary: bytes, tex_index: int) -> tuple[np.ndarray | None
     return arr[..., :3], data
 
 
-def read_glb(data: bytes) -> list[GltfPrimitive]:
-    """All triangle primitives of the default scene, with their world matrices."""
+def read_glb(data: bytes, textures: bool = True) -> list[GltfPrimitive]:
+    """All triangle primitives of the default scene, with their world matrices. Anything
+    malformed (wrong types, bad indices, counts the bytes do not back) is an :class:`InputError`."""
+    try:
+        return _read_glb(data, textures)
+    except InputError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, OverflowError, AttributeError, struct.error) as exc:
+        raise InputError(f"GLB structure is invalid ({type(exc).__name__}: {str(exc)[:120]})") from None
+
+
+def check_glb(data: bytes) -> None:
+    """Reject a GLB the mesh reader cannot use (raises InputError, a ValueError): what a server
+    runs on a submitted mesh before accepting the job. Reads every primitive's accessors (as
+    views of the bytes, mostly), not its textures."""
+    read_glb(data, textures=False)
+
+
+def _read_glb(data: bytes, textures: bool = True) -> list[GltfPrimitive]:
     gltf, binary = _parse_glb(data)
     nodes = gltf.get("nodes", [])
     scenes = gltf.get("scenes", [])
     roots = scenes[gltf.get("scene", 0)]["nodes"] if scenes else [i for i in range(len(nodes))]
     out: list[GltfPrimitive] = []
+    total = 0
     stack = [(r, np.eye(4)) for r in roots]
     seen = set()
     while stack:
@@ -322,6 +366,9 @@ def read_glb(data: bytes) -> list[GltfPrimitive]:
                 idx = _accessor(gltf, binary, prim["indices"]).astype(np.int64).reshape(-1)
             else:
                 idx = np.arange(len(pos), dtype=np.int64)
+            total += len(pos) + len(idx)
+            if total > 2 * MAX_ELEMENTS:  # primitives may share accessors: bound what is read in all
+                raise InputError(f"GLB holds more than {2 * MAX_ELEMENTS} vertices and indices in all")
             if len(idx) % 3 or (len(idx) and (idx.min() < 0 or idx.max() >= len(pos))):
                 raise InputError("GLB triangle indices are out of range or not a multiple of 3")
             uv = None
@@ -337,7 +384,7 @@ def read_glb(data: bytes) -> list[GltfPrimitive]:
                 mat_name = mat.get("name")
                 pbr = mat.get("pbrMetallicRoughness", {})
                 base = tuple(pbr.get("baseColorFactor", base))
-                if "baseColorTexture" in pbr:
+                if "baseColorTexture" in pbr and textures:
                     texture, png = _image(gltf, binary, pbr["baseColorTexture"]["index"])
             out.append(GltfPrimitive(
                 name=node.get("name") or mesh.get("name") or f"mesh_{node['mesh']}",
