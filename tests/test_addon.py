@@ -523,7 +523,7 @@ out["message"] = mgr.outcome.message
 out["objects_same"] = object_names() == before
 out["timer_after"] = bpy.app.timers.is_registered(timer)
 # the backend agrees
-client = mod.wire.C.Client(ARGS["endpoint"], timeout=5)
+client = mod.wire.C.Client(ARGS["endpoint"], timeout=5, token=prefs().client_token)  # the add-on's jobs are its token's
 out["backend_state"] = client.status(out["running"]["job_id"])["state"]
 client.close()
 emit(**out)
