@@ -22,7 +22,8 @@ from typing import Any, Callable
 from gen3d_wire import protocol as P
 from gen3d_wire.client import DEFAULT_ENDPOINT, BackendError, Client, CurveKeys, JobCancelled, new_req, new_token
 
-from .jobs import DEFAULT_MAX_JOB_PIXELS, JobSpec, Param
+from .common.errors import InputError
+from .service.jobs import DEFAULT_MAX_JOB_PIXELS, JobSpec
 
 EXIT_OK, EXIT_FAIL, EXIT_UNREACHABLE, EXIT_CANCELLED, EXIT_USAGE = 0, 1, 3, 4, 2
 
@@ -126,7 +127,7 @@ def add_model_flags(g) -> None:
 
 
 def models_from_args(args, device: str):
-    from .service import make_models
+    from .app import make_models
 
     return make_models(args.preset, device, args.low_vram, args.text_to_image_model, args.novel_view_model,
                        args.novel_view_kind)
@@ -141,7 +142,7 @@ def add_local_flags(parser: argparse.ArgumentParser) -> None:
 def make_client(args: argparse.Namespace) -> Client:
     curve = None
     if args.server_key:
-        from .keys import load_public
+        from .service.keys import load_public
 
         pub = sec = None
         if args.client_key:
@@ -195,10 +196,10 @@ def run_job(args: argparse.Namespace, kind: str, params: dict, attachments: list
 
 
 def _run_local(args, kind, params, attachments, printer) -> tuple[dict, dict[str, bytes]]:
-    from . import device as dev
-    from .jobs import JobContext, Limits
-    from .progress import Progress
-    from .service import build_registry
+    from .common import device as dev
+    from .service.jobs import JobContext, Limits
+    from .common.progress import Progress
+    from .app import build_registry
 
     registry = build_registry()
     spec = registry.get(kind)
@@ -289,10 +290,10 @@ def watch_parent(pid: int, stop: threading.Event, interval: float = 1.0) -> thre
 
 
 def cmd_serve(args) -> int:
-    from .jobs import Limits
-    from .server import ConfigError, Server, ServerConfig, default_jobs_dir
-    from .service import build_registry
-    from . import device as dev
+    from .service.jobs import Limits
+    from .service.server import ConfigError, Server, ServerConfig, default_jobs_dir
+    from .app import build_registry
+    from .common import device as dev
 
     config = ServerConfig(
         host=args.host,
@@ -308,7 +309,7 @@ def cmd_serve(args) -> int:
         shared_jobs=args.shared_jobs,
     )
     try:
-        from .server import check_bind_security
+        from .service.server import check_bind_security
 
         check_bind_security(config)
     except ConfigError as exc:
@@ -416,7 +417,7 @@ def cmd_cancel(args) -> int:
 
 
 def cmd_keys(args) -> int:
-    from .keys import generate
+    from .service.keys import generate
 
     try:
         paths = generate(args.dir)
@@ -431,7 +432,7 @@ def cmd_keys(args) -> int:
 
 
 def cmd_prefetch(args) -> int:
-    from .jobs import ModelMissing
+    from .common.errors import ModelMissing
     from .models.presets import resolve
     from .models.store import prefetch, quiet_loading
 
@@ -447,7 +448,7 @@ def cmd_prefetch(args) -> int:
 
 
 def cmd_diagnose(args) -> int:
-    from . import diagnose
+    from .kinds import diagnose
 
     params = params_from_args(args, diagnose.SPEC)
     meta, files = run_job(args, "diagnose", params, [])
@@ -458,7 +459,7 @@ def cmd_diagnose(args) -> int:
     return EXIT_OK
 
 
-# Verbs contributed by pipeline modules: name -> (configure(parser), run(args) -> int)
+# Job verbs: name -> (help, configure(parser), run(args) -> int)
 _JOB_VERBS: dict[str, tuple[str, Callable, Callable]] = {}
 
 
@@ -469,6 +470,112 @@ def job_verb(name: str, help: str):
         return fn_pair
 
     return deco
+
+
+# ---------------------------------------------------------------------------
+# job verbs (one per job family), built on the kinds' specs
+
+def _configure_reconstruct(p) -> None:
+    from .kinds.reconstruct import SPEC
+
+    p.add_argument("transforms", help="NeRF-synthetic transforms.json (views next to it)")
+    p.add_argument("--out", required=True, help="output GLB")
+    p.add_argument("--ply", default=None, help="also write the Gaussians as a standard 3DGS .ply")
+    p.add_argument("--background", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                   help="background colour (0-1) of views without alpha")
+    add_param_flags(p, SPEC)
+
+
+def _run_reconstruct(args) -> int:
+    from .kinds.reconstruct import SPEC, pack_transforms
+
+    params = params_from_args(args, SPEC)
+    params["ply"] = bool(args.ply)
+    if args.background is not None:
+        params["background"] = list(args.background)
+    meta, files = run_job(args, "reconstruct", params, pack_transforms(args.transforms))
+    for p in write_outputs(files, {"model.glb": args.out, "gaussians.ply": args.ply}):
+        print(p)
+    t = meta.get("timings", {})
+    print(f"{meta.get('faces')} faces, {meta.get('gaussians')} gaussians, texture {meta.get('texture_size')} px; "
+          + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
+    return 0
+
+
+job_verb("reconstruct", "posed views (transforms.json) -> textured mesh GLB")((_configure_reconstruct, _run_reconstruct))
+
+
+def _configure_generate(p) -> None:
+    from .kinds.generate import TEXT_SPEC
+
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="text prompt (text_to_3d)")
+    src.add_argument("--image", help="reference image file (image_to_3d)")
+    p.add_argument("--out", required=True, help="output GLB")
+    p.add_argument("--reference-out", default=None, help="also write the framed reference image (PNG)")
+    add_param_flags(p, TEXT_SPEC, skip=("prompt",))
+
+
+def _run_generate(args) -> int:
+    from .kinds.generate import TEXT_SPEC
+
+    if args.prompt is not None:
+        kind, params, atts = "text_to_3d", params_from_args(args, TEXT_SPEC), []
+        params["prompt"] = args.prompt
+    else:
+        path = Path(args.image)
+        if not path.is_file():
+            raise InputError(f"{path} not found")
+        kind = "image_to_3d"
+        params = {k: v for k, v in params_from_args(args, TEXT_SPEC).items() if k not in ("steps", "guidance")}
+        atts = [P.Attachment("image", "image/png", path.read_bytes())]
+    meta, files = run_job(args, kind, params, atts)
+    for p in write_outputs(files, {"model.glb": args.out, "reference.png": args.reference_out}):
+        print(p)
+    t = meta.get("timings", {})
+    print(f"{meta.get('faces')} faces, {meta.get('views')} novel views; "
+          + ", ".join(f"{k} {v:.1f}s" for k, v in t.items() if "." not in k))
+    return 0
+
+
+job_verb("generate", "a prompt (--prompt) or a reference image (--image) -> textured mesh GLB")((_configure_generate, _run_generate))
+
+
+def _configure_refine(p) -> None:
+    from .kinds.refine import SPEC
+
+    p.add_argument("mesh", help="GLB to refine")
+    p.add_argument("--out", required=True, help="output GLB")
+    p.add_argument("--reference", default=None, help="reference image (PNG/JPEG)")
+    p.add_argument("--cameras", default=None, help="scene cameras (JSON, see docs/jobs.md) or a transforms.json")
+    add_param_flags(p, SPEC)
+
+
+def _run_refine(args) -> int:
+    from .kinds.refine import SPEC
+
+    atts = []
+    for flag, name, mime in ((args.mesh, "mesh", "model/gltf-binary"), (args.reference, "image", "image/png"),
+                             (args.cameras, "cameras", "application/json")):
+        if flag is None:
+            continue
+        path = Path(flag)
+        if not path.is_file():
+            raise InputError(f"{path} not found")
+        atts.append(P.Attachment(name, mime, path.read_bytes()))
+    meta, files = run_job(args, "refine_texture", params_from_args(args, SPEC), atts)
+    for p in write_outputs(files, {"model.glb": args.out}):
+        print(p)
+    print(f"{meta.get('faces')} faces, UVs from {meta.get('uv_source')}, {meta.get('steps')} steps in "
+          f"{meta.get('timings', {}).get('refine', 0):.1f}s")
+    if "reference_registration" in meta:
+        print(f"reference registered by silhouette: IoU {meta['reference_registration']['iou']:.3f}")
+    for w in meta.get("warnings", []):
+        print(f"warning: {w}", file=sys.stderr)
+    return 0
+
+
+job_verb("refine", "refine or restyle the texture of a mesh (GLB) from a prompt and/or reference image")((_configure_refine, _run_refine))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -529,7 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     kg.add_argument("dir")
     kg.set_defaults(func=cmd_keys)
 
-    from . import diagnose
+    from .kinds import diagnose
 
     p = sub.add_parser("diagnose", help="device, memory and library versions (in-process or on --endpoint)")
     add_param_flags(p, diagnose.SPEC)
@@ -538,9 +645,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_local_flags(p)
     p.set_defaults(func=cmd_diagnose)
 
-    from . import service
-
-    service.register_cli_verbs()
     for name, (hlp, configure, run) in _JOB_VERBS.items():
         p = sub.add_parser(name, help=hlp)
         configure(p)
@@ -575,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - shown as one line; -v shows the traceback
         if args.verbose:
             raise
-        from .jobs import JobError
+        from .common.errors import JobError
 
         if not isinstance(exc, (JobError, FileNotFoundError, ValueError)):
             logging.getLogger("gen3d").debug("unexpected failure", exc_info=True)

@@ -28,12 +28,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from backend import device as dev  # noqa: E402
-from backend.generate import IMAGE_SPEC, TEXT_SPEC  # noqa: E402
-from backend.jobs import JobContext, Limits  # noqa: E402
+from backend.common import device as dev  # noqa: E402
+from backend.kinds.generate import IMAGE_SPEC, TEXT_SPEC  # noqa: E402
+from backend.service.jobs import JobContext, Limits  # noqa: E402
 from backend.models.store import ModelStore  # noqa: E402
 from backend.models.tiny import _scheduler_config, byte_level_clip_tokenizer  # noqa: E402
-from backend.progress import Progress  # noqa: E402
+from backend.common.progress import Progress  # noqa: E402
 
 
 def _sd_unet(in_channels: int, sample_size: int):
@@ -116,7 +116,7 @@ def _cleanup_stand_in() -> bool:
 def run(kind: str, store: ModelStore, device: str, params: dict) -> dict:
     from gen3d_wire.protocol import Attachment
 
-    from backend.dataset import encode_png
+    from backend.common.dataset import encode_png
 
     spec = TEXT_SPEC if kind == "text_to_3d" else IMAGE_SPEC
     atts = []

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def _scene(n: int, size: int, device: str):
     import numpy as np
 
-    from backend import cameras as cam
+    from backend.common import cameras as cam
 
     g = torch.Generator().manual_seed(0)
     means = (torch.rand(n, 3, generator=g) - 0.5)

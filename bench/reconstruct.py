@@ -33,12 +33,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from backend import device as dev  # noqa: E402
-from backend.dataset import load_transforms  # noqa: E402
+from backend.common import device as dev  # noqa: E402
+from backend.common.dataset import load_transforms  # noqa: E402
 from backend.mesh.gltf import write_glb  # noqa: E402
 from backend.mesh.textured import render_mesh_rgba  # noqa: E402
-from backend.metrics import chamfer_fscore, mask_iou, psnr_union  # noqa: E402
-from backend.reconstruct import ReconstructSettings, reconstruct  # noqa: E402
+from backend.common.metrics import chamfer_fscore, mask_iou, psnr_union  # noqa: E402
+from backend.pipeline.reconstruct import ReconstructSettings, reconstruct  # noqa: E402
 from evaluation.groundtruth import run_groundtruth  # noqa: E402
 
 

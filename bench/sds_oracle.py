@@ -23,10 +23,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from backend.dataset import load_transforms  # noqa: E402
+from backend.common.dataset import load_transforms  # noqa: E402
 from backend.mesh.textured import TexturedMesh, render_mesh_rgba  # noqa: E402
-from backend.metrics import psnr_union  # noqa: E402
-from backend.sds import OracleGuidance, RefineSettings, refine_texture  # noqa: E402
+from backend.common.metrics import psnr_union  # noqa: E402
+from backend.pipeline.sds import OracleGuidance, RefineSettings, refine_texture  # noqa: E402
 from evaluation.groundtruth import run_groundtruth  # noqa: E402
 from evaluation.oracle import PoolTruth, degrade_texture  # noqa: E402
 

@@ -24,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from backend.server import owner_key  # noqa: E402
+from backend.service.server import owner_key  # noqa: E402
 from gen3d_wire.client import Client, new_token  # noqa: E402
 
 

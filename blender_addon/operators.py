@@ -332,5 +332,68 @@ class GEN3D_OT_report(bpy.types.Operator):
         return {"FINISHED"}
 
 
+# -- the backend's connection (buttons in the add-on's preferences)
+
+class GEN3D_OT_test_connection(bpy.types.Operator):
+    bl_idname = "gen3d.test_connection"
+    bl_label = "Connect / Test"
+    bl_description = "Connect to the backend and show its device and versions (starts it when Auto-start is on)"
+
+    @classmethod
+    def poll(cls, context):
+        if MANAGER.busy:
+            cls.poll_message_set("A job is running")
+            return False
+        return True
+
+    def execute(self, context):
+        return _connect(self, context, force_start=False)
+
+
+class GEN3D_OT_start_backend(bpy.types.Operator):
+    bl_idname = "gen3d.start_backend"
+    bl_label = "Start Backend"
+    bl_description = "Start a backend on this computer with the Python, preset and port above, and wait until it answers"
+
+    @classmethod
+    def poll(cls, context):
+        if MANAGER.busy:
+            cls.poll_message_set("A job is running")
+            return False
+        return True
+
+    def execute(self, context):
+        return _connect(self, context, force_start=True)
+
+
+class GEN3D_OT_stop_backend(bpy.types.Operator):
+    bl_idname = "gen3d.stop_backend"
+    bl_label = "Stop Backend"
+    bl_description = "Stop the backend that the add-on started"
+
+    @classmethod
+    def poll(cls, context):
+        return MANAGER.backend is not None
+
+    def execute(self, context):
+        if MANAGER.job is not None:
+            MANAGER.cancel()
+        MANAGER.stop_backend()
+        self.report({"INFO"}, "Backend stopped")
+        return {"FINISHED"}
+
+
+def _connect(op, context, force_start: bool):
+    prefs = get_prefs(context)
+    job = Job(kind=None, label="Connect", panel="PREFS")
+    try:
+        conn = connection(prefs, force_start=force_start)
+    except (ValueError, PermissionError) as exc:
+        code = "online_access" if isinstance(exc, PermissionError) else "input"
+        return report_outcome(op, job, "error", str(exc), code)
+    return submit_job(op, job, conn)
+
+
+
 CLASSES = (GEN3D_OT_generate_from_text, GEN3D_OT_image_to_3d, GEN3D_OT_refine_texture, GEN3D_OT_cancel,
-           GEN3D_OT_dismiss, GEN3D_OT_report)
+           GEN3D_OT_dismiss, GEN3D_OT_report, GEN3D_OT_test_connection, GEN3D_OT_start_backend, GEN3D_OT_stop_backend)

@@ -7,7 +7,7 @@ import bpy
 from bpy.props import BoolProperty, FloatProperty, IntProperty, StringProperty
 
 from . import wire
-from .manager import MANAGER, AutoStart, Connection, Job, endpoint_is_local
+from .manager import MANAGER, AutoStart, Connection, endpoint_is_local
 
 ADDON_ID = __package__
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
@@ -205,66 +205,4 @@ def draw_preferences(prefs, layout) -> None:
         draw_status_lines(box, out)
 
 
-class GEN3D_OT_test_connection(bpy.types.Operator):
-    bl_idname = "gen3d.test_connection"
-    bl_label = "Connect / Test"
-    bl_description = "Connect to the backend and show its device and versions (starts it when Auto-start is on)"
-
-    @classmethod
-    def poll(cls, context):
-        if MANAGER.busy:
-            cls.poll_message_set("A job is running")
-            return False
-        return True
-
-    def execute(self, context):
-        return _connect(self, context, force_start=False)
-
-
-class GEN3D_OT_start_backend(bpy.types.Operator):
-    bl_idname = "gen3d.start_backend"
-    bl_label = "Start Backend"
-    bl_description = "Start a backend on this computer with the Python, preset and port above, and wait until it answers"
-
-    @classmethod
-    def poll(cls, context):
-        if MANAGER.busy:
-            cls.poll_message_set("A job is running")
-            return False
-        return True
-
-    def execute(self, context):
-        return _connect(self, context, force_start=True)
-
-
-class GEN3D_OT_stop_backend(bpy.types.Operator):
-    bl_idname = "gen3d.stop_backend"
-    bl_label = "Stop Backend"
-    bl_description = "Stop the backend that the add-on started"
-
-    @classmethod
-    def poll(cls, context):
-        return MANAGER.backend is not None
-
-    def execute(self, context):
-        if MANAGER.job is not None:
-            MANAGER.cancel()
-        MANAGER.stop_backend()
-        self.report({"INFO"}, "Backend stopped")
-        return {"FINISHED"}
-
-
-def _connect(op, context, force_start: bool):
-    from .operators import report_outcome, submit_job
-
-    prefs = get_prefs(context)
-    job = Job(kind=None, label="Connect", panel="PREFS")
-    try:
-        conn = connection(prefs, force_start=force_start)
-    except (ValueError, PermissionError) as exc:
-        code = "online_access" if isinstance(exc, PermissionError) else "input"
-        return report_outcome(op, job, "error", str(exc), code)
-    return submit_job(op, job, conn)
-
-
-CLASSES = (GEN3D_AddonPreferences, GEN3D_OT_test_connection, GEN3D_OT_start_backend, GEN3D_OT_stop_backend)
+CLASSES = (GEN3D_AddonPreferences,)

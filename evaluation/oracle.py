@@ -1,10 +1,10 @@
 """Oracles that know the answer, in place of the learned models.
 
 :class:`OracleViews` is a novel-view generator (same contract as the
-Zero-1-to-3 one in ``backend.novel_views``) that renders the true object with
+Zero-1-to-3 one in ``backend.pipeline.novel_views``) that renders the true object with
 Blender at the pose Zero-1-to-3 would be asked for. It does not read the
 pose we planned: it receives the *camera vector* the pipeline computes for the
-model (``backend.cameras.zero123_camera_vector``) and turns it into a camera
+model (``backend.common.cameras.zero123_camera_vector``) and turns it into a camera
 with Zero-1-to-3's own training-code parametrisation (polar angle from +Z,
 azimuth ``atan2(y, x)``, target = reference + delta). A sign error in the
 camera vector, or a mismatch between it and the rig the reconstruction
@@ -94,7 +94,7 @@ class OracleViews:
         return self.render([self.reference_c2w(elevation)])[0]
 
     def __call__(self, reference: np.ndarray, reference_elevation: float, poses, progress=None) -> np.ndarray:
-        from backend import cameras as cam
+        from backend.common import cameras as cam
 
         ref = self.reference_c2w(reference_elevation)
         c2ws = []
@@ -117,7 +117,7 @@ def framing_radius(vertices: np.ndarray, center: np.ndarray, fill: float = 0.8, 
                    elevation: float = 0.0, size: int = 256) -> float:
     """Camera distance at which the object's longer side spans ``fill`` of the reference
     frame, so that the pipeline takes the reference as framed (no re-cropping)."""
-    from backend import cameras as cam
+    from backend.common import cameras as cam
 
     k = cam.Intrinsics.from_fov(math.radians(fov_deg), size, size)
     r = float(np.linalg.norm(vertices - center, axis=1).max()) / (fill * math.tan(math.radians(fov_deg) / 2))

@@ -110,7 +110,7 @@ def _generated_mesh(seed: int, faces_budget: int):
 
 
 def _t2i(inputs, ctx):
-    from backend.jobs import JobOutput
+    from backend.service.jobs import JobOutput
     from gen3d_wire.protocol import Attachment
 
     p = inputs.params
@@ -126,7 +126,7 @@ def _t2i(inputs, ctx):
 def _i2t(inputs, ctx):
     from PIL import Image
 
-    from backend.jobs import JobOutput
+    from backend.service.jobs import JobOutput
     from gen3d_wire.protocol import Attachment
 
     p = inputs.params
@@ -144,7 +144,7 @@ def _i2t(inputs, ctx):
 def _refine(inputs, ctx):
     from backend.mesh.gltf import read_glb, write_glb
     from backend.mesh.textured import TexturedMesh
-    from backend.jobs import InputError, JobOutput
+    from backend.service.jobs import InputError, JobOutput
     from gen3d_wire.protocol import Attachment
 
     p = inputs.params
@@ -178,7 +178,7 @@ def _need_prompt(inputs) -> None:
 
 def stub_specs():
     """Stand-ins for the three kinds, with the parameter names of docs/jobs.md."""
-    from backend.jobs import AttachmentSpec, JobSpec, Param
+    from backend.service.jobs import AttachmentSpec, JobSpec, Param
 
     gen = (
         Param("negative_prompt", str, ""), Param("seed", int, 0, min=0), Param("quality", str, "standard",
@@ -210,9 +210,9 @@ class StubServer:
     """In-process backend with the stand-in kinds (and diagnose)."""
 
     def __init__(self, jobs_dir: Path):
-        from backend import diagnose
-        from backend.jobs import Registry
-        from backend.server import Server, ServerConfig
+        from backend.kinds import diagnose
+        from backend.service.jobs import Registry
+        from backend.service.server import Server, ServerConfig
 
         self.server = Server(ServerConfig(host="127.0.0.1", port=0, jobs_dir=jobs_dir, device="cpu"),
                              Registry([diagnose.SPEC, *stub_specs()]))

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from backend import cameras as cam
+from backend.common import cameras as cam
 
 
 def random_c2w(rng):

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backend import cameras as cam
+from backend.common import cameras as cam
 
 ROOT = Path(__file__).resolve().parent.parent
 

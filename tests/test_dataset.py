@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend import cameras as cam
-from backend.dataset import alpha_from_background, load_transforms, save_transforms, views_from_meta
-from backend.jobs import InputError
+from backend.common import cameras as cam
+from backend.common.dataset import alpha_from_background, load_transforms, save_transforms, views_from_meta
+from backend.service.jobs import InputError
 
 
 def write_views(tmp_path, n=3, size=(24, 16), mode="RGBA", ext=".png", meta_extra=None, frame_extra=None):

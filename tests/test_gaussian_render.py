@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from backend import cameras as cam
+from backend.common import cameras as cam
 from backend.gaussians.model import Gaussians, load_ply, save_ply
 from backend.gaussians import render as R
 from backend.gaussians.render import covariances, project, rasterize, rasterize_torch
@@ -227,7 +227,7 @@ def test_gsplat_build_failure_falls_back(monkeypatch, fresh_gsplat_probe):
 
 
 def test_diagnose_reports_the_renderer():
-    from backend.diagnose import diagnose
+    from backend.kinds.diagnose import diagnose
 
     rep = diagnose("cpu")
     assert rep.renderer == {"renderer": "torch", "gsplat": "not used off CUDA"}

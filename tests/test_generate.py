@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from backend import cameras as cam
-from backend.jobs import ModelMissing
+from backend.common import cameras as cam
+from backend.service.jobs import ModelMissing
 from backend.models.presets import PRESETS, resolve
 from backend.models.store import ModelStore
 from backend.models.tiny import build_tiny
-from backend.novel_views import FOV_DEG, RADIUS, plan_views, prepare_reference
-from backend.segment import foreground
+from backend.pipeline.novel_views import FOV_DEG, RADIUS, plan_views, prepare_reference
+from backend.pipeline.segment import foreground
 
 from conftest import ROOT
 
@@ -203,7 +203,7 @@ def test_prepare_reference_frames_the_object():
 
 
 def _oracle_run(suzanne_dir, flip: bool):
-    from backend.generate import GenerateSettings, image_to_3d
+    from backend.pipeline.generate import GenerateSettings, image_to_3d
     from evaluation.oracle import OracleViews, framing_radius
 
     gt = np.load(suzanne_dir / "gt_mesh.npz")
@@ -231,7 +231,7 @@ def suzanne_dir(gt_data):
 
 def _agreement(pred_v, pred_f, gt):
     from backend.mesh.raster import rasterize_mesh
-    from backend.metrics import chamfer_fscore
+    from backend.common.metrics import chamfer_fscore
 
     ious = []
     for el in (-20, 10, 40):
@@ -265,13 +265,13 @@ FAST = {"quality": "draft", "views": 4, "view_steps": 3, "iterations": 40, "face
 
 
 def test_generate_jobs_on_the_server(tmp_path, tiny_store):
-    from backend import generate
-    from backend.jobs import Registry
-    from backend.server import Server, ServerConfig
+    from backend.kinds import generate
+    from backend.service.jobs import Registry
+    from backend.service.server import Server, ServerConfig
     from gen3d_wire import protocol as P
     from gen3d_wire.client import BackendError, Client
     from gen3d_wire.protocol import Attachment
-    from backend.dataset import encode_png
+    from backend.common.dataset import encode_png
     from backend.mesh.gltf import read_glb
 
     srv = Server(ServerConfig(port=0, jobs_dir=tmp_path / "jobs", device="cpu"),
@@ -345,7 +345,7 @@ def test_cli_generate_from_text_and_image(tmp_path, gt_data):
 
 def test_text_to_image_asks_for_the_front_view():
     """The pipeline puts the generated image at azimuth 0: the prompt must ask for a front view."""
-    from backend.generate import text_to_image
+    from backend.pipeline.generate import text_to_image
 
     seen = {}
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from backend import cameras as cam
-from backend.dataset import load_transforms
+from backend.common import cameras as cam
+from backend.common.dataset import load_transforms
 from backend.gaussians.model import Gaussians
-from backend.jobs import InputError
+from backend.service.jobs import InputError
 from backend.mesh.bake import BakeSettings, BakeView, bake_texture
 from backend.mesh.clean import CleanSettings, clean_mesh
 from backend.mesh.extract import calibrated_surface, centre_density, density_grid, free_space, marching_cubes, solid_surface
@@ -21,7 +21,7 @@ from backend.mesh.gltf import read_glb, write_glb
 from backend.mesh.raster import rasterize_mesh, rasterize_uv, sample_texture
 from backend.mesh.textured import TexturedMesh, render_mesh_rgba, vertex_normals
 from backend.mesh.uv import unwrap
-from backend.metrics import chamfer_fscore, psnr_union
+from backend.common.metrics import chamfer_fscore, psnr_union
 
 
 def quad(z=0.0, size=1.0):
@@ -259,7 +259,7 @@ def _sphere_gaussians(n=3000, radius=0.5, seed=0):
 
 
 def test_extraction_keeps_the_outer_surface_only():
-    from backend.dataset import PosedViews
+    from backend.common.dataset import PosedViews
 
     g = _sphere_gaussians()
     grid = density_grid(g, 64)

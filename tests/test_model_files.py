@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from backend.jobs import ModelMissing
+from backend.service.jobs import ModelMissing
 from backend.models import files, store
 from backend.models.presets import resolve
 from backend.models.tiny import build_tiny

@@ -11,11 +11,12 @@ import time
 import numpy as np
 import pytest
 
-from backend.dataset import load_transforms
+from backend.common.dataset import load_transforms
 from backend.mesh.gltf import read_glb, write_glb
 from backend.mesh.textured import TexturedMesh, render_mesh_rgba
-from backend.metrics import chamfer_fscore, mask_iou, psnr_union
-from backend.reconstruct import ReconstructSettings, pack_transforms, reconstruct
+from backend.common.metrics import chamfer_fscore, mask_iou, psnr_union
+from backend.pipeline.reconstruct import ReconstructSettings, reconstruct
+from backend.kinds.reconstruct import pack_transforms
 
 from conftest import ROOT
 
@@ -110,9 +111,9 @@ def test_cli_reconstruct(gt_data, tmp_path):
 
 
 def test_reconstruct_job_on_the_server(gt_data, tmp_path):
-    from backend import diagnose, reconstruct as rec
-    from backend.jobs import Registry
-    from backend.server import Server, ServerConfig
+    from backend.kinds import diagnose, reconstruct as rec
+    from backend.service.jobs import Registry
+    from backend.service.server import Server, ServerConfig
     from gen3d_wire import protocol as P
     from gen3d_wire.client import BackendError, Client
     from gen3d_wire.protocol import Attachment

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from backend import cameras as cam
-from backend.dataset import encode_png, load_transforms
-from backend.jobs import InputError
+from backend.common import cameras as cam
+from backend.common.dataset import encode_png, load_transforms
+from backend.service.jobs import InputError
 from backend.mesh.gltf import read_glb, write_glb
 from backend.mesh.textured import TexturedMesh, render_mesh_rgba, render_textured, vertex_normals
-from backend.metrics import psnr_union
-from backend.sds import OracleGuidance, RefineSettings, StableDiffusionGuidance, Zero123Guidance, refine_texture, view_suffix
+from backend.common.metrics import psnr_union
+from backend.pipeline.sds import OracleGuidance, RefineSettings, StableDiffusionGuidance, Zero123Guidance, refine_texture, view_suffix
 from gen3d_wire.protocol import ErrorCode, ProtocolError
 
 from conftest import ROOT
@@ -154,8 +154,8 @@ def _mesh_glb(with_uv=True) -> bytes:
 
 
 def _run_job(models, params, attachments):
-    from backend import refine
-    from backend.jobs import JobContext, Limits
+    from backend.kinds import refine
+    from backend.service.jobs import JobContext, Limits
     from gen3d_wire.protocol import Attachment
 
     spec = refine.SPEC
@@ -192,7 +192,7 @@ def test_refine_job_unwraps_a_mesh_without_uvs(tiny_models):
 
 
 def test_refine_job_bad_inputs(tiny_models):
-    from backend.refine import parse_cameras
+    from backend.pipeline.refine import parse_cameras
 
     glb = _mesh_glb()
     with pytest.raises(InputError, match="prompt or a reference"):
@@ -215,7 +215,7 @@ def test_refine_job_bad_inputs(tiny_models):
 
 
 def test_scene_cameras_from_blender_lens_data():
-    from backend.refine import parse_cameras
+    from backend.pipeline.refine import parse_cameras
 
     c2w = cam.spherical_to_c2w(10, 30, 4)
     (m, k), = parse_cameras({"frames": [{"name": "Camera", "transform_matrix": c2w.tolist(), "lens": 50, "sensor_width": 36,
@@ -274,7 +274,7 @@ def _grey_oracle(size=32):
 
 
 def test_sampled_views_at_the_reference_distance_and_never_the_reference_camera():
-    from backend.sds import Zero123Guidance
+    from backend.pipeline.sds import Zero123Guidance
 
     mesh = _ball()
     k = cam.Intrinsics.from_fov(math.radians(49.1), 48, 48)
@@ -314,7 +314,7 @@ def test_losses_are_per_element_means():
 
 def test_wide_scene_camera_is_not_squeezed(tiny_models):
     """A 16:9 camera reaches the prior through a square frame: a sphere stays round."""
-    from backend.refine import parse_cameras
+    from backend.pipeline.refine import parse_cameras
 
     sd = StableDiffusionGuidance(tiny_models.stable_diffusion(), "a ball", "", 7.5, size=64)
     spy = SpyGuidance(sd, "sd")
@@ -351,7 +351,7 @@ def test_oracle_refinement_through_a_wide_scene_camera(cube_pool):
 
 
 def test_zero123_only_sees_views_like_its_training_rig(tiny_models):
-    from backend.sds import View, Zero123Guidance, sample_view, square_view
+    from backend.pipeline.sds import View, Zero123Guidance, sample_view, square_view
 
     ref = np.ones((256, 256, 3), np.float32)
     z = Zero123Guidance(tiny_models.zero123(), ref, 0.0, 4.0)
@@ -480,8 +480,8 @@ def _solid(kind: str) -> TexturedMesh:
 def test_reference_is_registered_by_silhouette(kind):
     """A front render of the mesh as the reference: the registered camera's silhouette
     matches it (the old bounding-sphere distance gave IoU 0.54 on a cube)."""
-    from backend.metrics import mask_iou
-    from backend.refine import reference_view
+    from backend.common.metrics import mask_iou
+    from backend.pipeline.refine import reference_view
 
     mesh = _solid(kind)
     c = 0.5 * (mesh.vertices.min(0) + mesh.vertices.max(0))

@@ -13,9 +13,9 @@ import pytest
 import zmq
 from PIL import Image
 
-from backend import diagnose
-from backend.jobs import AttachmentSpec, JobOutput, JobSpec, Limits, Param, Registry
-from backend.server import ConfigError, Server, ServerConfig, check_bind_security
+from backend.kinds import diagnose
+from backend.service.jobs import AttachmentSpec, JobOutput, JobSpec, Limits, Param, Registry
+from backend.service.server import ConfigError, Server, ServerConfig, check_bind_security
 from gen3d_wire import protocol as P
 from gen3d_wire.client import BackendError, Client, CurveKeys, JobCancelled, JobWatcher, Unreachable, new_req
 from gen3d_wire.protocol import Attachment, ErrorCode
@@ -413,7 +413,7 @@ def test_non_loopback_bind_needs_keys(tmp_path):
 
 
 def test_curve_server_refuses_clients_without_its_key(tmp_path):
-    from backend.keys import generate, load_public
+    from backend.service.keys import generate, load_public
 
     keys = generate(tmp_path / "keys")
     srv = make_server(tmp_path, keys_dir=tmp_path / "keys")
@@ -436,7 +436,7 @@ def test_curve_server_refuses_clients_without_its_key(tmp_path):
 
 
 def test_curve_authorized_clients_only(tmp_path):
-    from backend.keys import generate, load_public
+    from backend.service.keys import generate, load_public
 
     keys = generate(tmp_path / "keys")
     allowed = tmp_path / "allowed"

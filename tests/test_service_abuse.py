@@ -16,8 +16,8 @@ import pytest
 import zmq
 from PIL import Image
 
-from backend.jobs import AttachmentSpec, JobOutput, JobSpec, Limits, Param, Registry
-from backend.server import Server, ServerConfig, scrub_message
+from backend.service.jobs import AttachmentSpec, JobOutput, JobSpec, Limits, Param, Registry
+from backend.service.server import Server, ServerConfig, scrub_message
 from gen3d_wire import protocol as P
 from gen3d_wire.client import BackendError, Client, new_token
 from gen3d_wire.protocol import Attachment, ErrorCode

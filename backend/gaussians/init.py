@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import cameras as cam
-from ..dataset import PosedViews
+from ..common import cameras as cam
+from ..common.dataset import PosedViews
 
 
 @dataclass

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import cameras as cam
+from ..common import cameras as cam
 from .render import _SH_C0, rasterize
 
 PARAM_NAMES = ("means", "quats", "scales", "opacities", "sh0", "shN")

@@ -20,7 +20,6 @@ kept, a difference far below 8-bit precision.)
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from typing import Literal
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..dataset import PosedViews, encode_png
-from ..metrics import ssim
-from ..progress import NULL, Progress
+from ..common.dataset import PosedViews, encode_png
+from ..common.metrics import ssim
+from ..common.progress import NULL, Progress
 from .init import Bounds, init_gaussians
 from .model import Gaussians
 
@@ -84,7 +84,7 @@ def _backgrounds(kind: str, n: int, gen: torch.Generator, device) -> torch.Tenso
 def train_gaussians(views: PosedViews, settings: TrainSettings | None = None, device: str = "cpu",
                     progress: Progress = NULL, init: tuple[Gaussians, Bounds] | None = None) -> TrainResult:
     """Fit Gaussians to ``views``. Calls ``progress.update`` every step (which
-    raises :class:`~backend.progress.Cancelled` when the job is cancelled)."""
+    raises :class:`~backend.common.progress.Cancelled` when the job is cancelled)."""
     from gsplat.strategy import DefaultStrategy
 
     s = settings or TrainSettings()
@@ -125,7 +125,7 @@ def train_gaussians(views: PosedViews, settings: TrainSettings | None = None, de
     state = strategy.initialize_state(scene_scale=scale)
 
     images = torch.as_tensor(views.images, dtype=torch.float32, device=device)  # [N,H,W,4]
-    from .. import cameras as cam
+    from ..common import cameras as cam
 
     viewmats = torch.as_tensor(cam.c2w_to_viewmat(views.c2w), dtype=torch.float32, device=device)
     Ks = torch.as_tensor(views.Ks(), dtype=torch.float32, device=device)

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import cameras as cam
-from ..progress import NULL, Progress
+from ..common import cameras as cam
+from ..common.progress import NULL, Progress
 from .raster import interpolate, rasterize_mesh, rasterize_uv
 
 

@@ -118,7 +118,7 @@ def free_space(grid: Grid, g: Gaussians, cameras: list, margin_voxels: float = 0
     where the render is transparent, or in front of the rendered depth by more
     than ``margin_voxels``. ``cameras`` is a list of (c2w, Intrinsics).
     Returns a bool grid (True = free)."""
-    from .. import cameras as cam
+    from ..common import cameras as cam
 
     dims = grid.values.shape
     ii, jj, kk = np.meshgrid(*[np.arange(d) for d in dims], indexing="ij")

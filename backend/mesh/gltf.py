@@ -17,16 +17,14 @@ clear message.
 
 from __future__ import annotations
 
-import io
 import json
-import math
 import struct
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import cameras as cam
-from ..jobs import InputError
+from ..common import cameras as cam
+from ..common.errors import InputError
 from .textured import TexturedMesh
 
 GLB_MAGIC = b"glTF"
@@ -96,7 +94,7 @@ class _Builder:
 
 
 def texture_png(texture: np.ndarray) -> bytes:
-    from ..dataset import encode_png
+    from ..common.dataset import encode_png
 
     return encode_png(texture)
 
@@ -297,7 +295,7 @@ def _node_matrix(node: dict) -> np.ndarray:
 
 
 def _image(gltf: dict, binary: bytes, tex_index: int) -> tuple[np.ndarray | None, bytes | None]:
-    from ..dataset import decode_image
+    from ..common.dataset import decode_image
 
     try:
         src = gltf["textures"][tex_index]["source"]

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import cameras as cam
+from ..common import cameras as cam
 from .raster import interpolate, rasterize_mesh, sample_texture
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..jobs import ModelMissing
+from ..common.errors import ModelMissing
 from .files import components_of, human_size, pipeline_variant, select_files
 from .presets import TINY_PREFIX, Preset, resolve
 

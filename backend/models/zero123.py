@@ -21,7 +21,7 @@ Conditioning, exactly:
   in the usual scaled space (decoded with ``/ scaling_factor``).
 * classifier-free guidance: the unconditional branch gets zeros for both the
   projected embedding and the concatenated latent.
-* camera vector: :func:`backend.cameras.zero123_camera_vector` (or the Stable
+* camera vector: :func:`backend.common.cameras.zero123_camera_vector` (or the Stable
   Zero123 variant), target relative to the reference.
 """
 
@@ -36,7 +36,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from .. import cameras as cam
+from ..common import cameras as cam
 
 IMAGE_SIZE = 256
 
@@ -127,7 +127,7 @@ class Zero123:
     @torch.no_grad()
     def encode_reference(self, image: np.ndarray, elevation: float = 0.0) -> Reference:
         """``image``: RGB float [H, W, 3] in [0, 1], object centred on white (see
-        :func:`backend.novel_views.prepare_reference`); resized to 256 px here."""
+        :func:`backend.pipeline.novel_views.prepare_reference`); resized to 256 px here."""
         from PIL import Image
 
         img = np.clip(np.asarray(image, np.float32)[..., :3], 0, 1)

@@ -4,7 +4,7 @@
 per-frame ``fl_x fl_y cx cy w h`` (also accepted at the top level);
 ``frames[].file_path`` relative to the json, with or without ``.png``;
 ``frames[].transform_matrix`` camera-to-world in the Blender convention (see
-:mod:`backend.cameras`).
+:mod:`backend.common.cameras`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import cameras as cam
-from .jobs import InputError
+from .errors import InputError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 

@@ -21,8 +21,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from .dataset import encode_png
-from .progress import NULL, Progress
+from ..common.progress import NULL, Progress
 
 FOV_DEG = 49.1  # Zero-1-to-3's renders (objaverse): 35 mm lens on a 32 mm sensor
 RADIUS = 2.0  # canonical camera distance of the rig
@@ -66,9 +65,8 @@ def prepare_reference(rgba: np.ndarray, size: int = SIZE, fill: float = FILL, to
     An image already framed that way (longer side within ``tolerance`` of
     ``fill``, centre within 5 % of the frame) is only resized: moving it would
     change the camera it implies. Returns (RGBA [size,size,4], info)."""
-    from PIL import Image
 
-    from .dataset import resize_rgba
+    from ..common.dataset import resize_rgba
 
     a = rgba[..., 3]
     ys, xs = np.nonzero(a > 0.5)

@@ -63,9 +63,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import cameras as cam
-from .mesh.textured import TexturedMesh, render_textured
-from .progress import NULL, Progress
+from ..common import cameras as cam
+from ..mesh.textured import TexturedMesh, render_textured
+from ..common.progress import NULL, Progress
 
 
 @dataclass
@@ -429,7 +429,7 @@ def refine_texture(mesh: TexturedMesh, guidances: Sequence[Guidance], settings: 
         report.losses.append(float(loss.detach()))
         preview = None
         if imgs is not None and (step % max(1, s.steps // 5) == 0 or step == s.steps - 1):
-            from .dataset import encode_png
+            from ..common.dataset import encode_png
 
             preview = encode_png(imgs[0].detach().permute(1, 2, 0).cpu().numpy())
         progress.update((step + 1) / s.steps, f"step {step + 1}/{s.steps}", preview)

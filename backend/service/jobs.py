@@ -19,25 +19,8 @@ from typing import Any, Callable, Iterable, Mapping
 from gen3d_wire import protocol as P
 from gen3d_wire.protocol import Attachment, ErrorCode, ProtocolError
 
-from .progress import NULL, Progress
-
-
-class JobError(Exception):
-    """An error a job reports to its client with a specific code."""
-
-    code = ErrorCode.JOB_FAILED
-
-
-class InputError(JobError, ValueError):
-    """The job's input is unusable (bad image, broken GLB, NaN cameras...)."""
-
-    code = ErrorCode.BAD_INPUT
-
-
-class ModelMissing(JobError):
-    """Weights are not on disk and cannot be downloaded."""
-
-    code = ErrorCode.MODEL_MISSING
+from ..common.errors import InputError, JobError, ModelMissing  # noqa: F401 - part of the job layer's vocabulary
+from ..common.progress import NULL, Progress
 
 
 _TYPE_NAMES = {int: "integer", float: "number", str: "string", bool: "boolean", list: "list", dict: "object"}

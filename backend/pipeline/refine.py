@@ -1,30 +1,27 @@
-"""Texture refinement jobs: ``refine_texture`` for any mesh, and the last stage of
-``text_to_3d`` / ``image_to_3d``. Composition only; the maths is in :mod:`backend.sds`."""
+"""Texture refinement as a composition: a mesh from GLB, the reference registered to it,
+the priors, and the refiner that ends ``image_to_3d``. The maths is in
+:mod:`backend.pipeline.sds`; the job kind in :mod:`backend.kinds.refine`."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from gen3d_wire.protocol import Attachment
 
-from . import cameras as cam
-from .dataset import decode_image, encode_png, resize_rgba
-from .jobs import AttachmentSpec, InputError, JobContext, JobInputs, JobOutput, JobSpec, Param
-from .mesh.gltf import check_glb, read_glb, write_glb
-from .mesh.textured import TexturedMesh, vertex_normals
-from .mesh.uv import unwrap
-from .mesh.raster import rasterize_mesh
-from .metrics import mask_iou
+from ..common import cameras as cam
+from ..common.dataset import resize_rgba
+from ..common.errors import InputError
+from ..mesh.gltf import read_glb
+from ..mesh.textured import TexturedMesh, vertex_normals
+from ..mesh.uv import unwrap
+from ..mesh.raster import rasterize_mesh
+from ..common.metrics import mask_iou
 from .novel_views import FILL, FOV_DEG, on_white, prepare_reference
-from .progress import NULL, Progress
+from ..common.progress import NULL, Progress
 from .sds import RefineSettings, StableDiffusionGuidance, Zero123Guidance, refine_texture
 
 
@@ -213,7 +210,7 @@ def build_guidances(models, prompt: str, negative: str, reference_rgba: np.ndarr
     return gs
 
 
-def _resident(models):
+def keep_resident(models):
     """The models' "keep the prior on the GPU while refining" scope, where they have one."""
     keep = getattr(models, "resident_for_refinement", None)
     return keep() if keep is not None else contextlib.nullcontext()
@@ -227,119 +224,9 @@ def pipeline_refiner(models, prompt: str, negative: str, settings, device: str):
         ref_rgba = views.images[0]
         s = RefineSettings(steps=settings.refine_steps, update="sdedit", seed=settings.seed, lr=0.02)
         gs = build_guidances(models, prompt, negative, ref_rgba, settings.reference_elevation, 7.5, 3.0, device)
-        with _resident(models):
+        with keep_resident(models):
             new, _ = refine_texture(mesh, gs, s, reference=(ref_rgba, views.c2w[0], views.intrinsics[0]), device=device,
                                     progress=progress)
         return new
 
     return run
-
-
-def _handle(inputs: JobInputs, ctx: JobContext) -> JobOutput:
-    p = inputs.params
-    atts = inputs.attachments
-    plan = ctx.progress.stages({"load": 5, "refine": 90, "export": 5})
-    mesh, uv_source = mesh_from_glb(atts["mesh"], p["texture_size"])
-    plan["load"].update(1.0, f"{len(mesh.faces)} faces, UVs from {uv_source}")
-    cameras = []
-    if "cameras" in atts:
-        cameras = parse_cameras(json.loads(atts["cameras"].decode("utf-8")))
-    reference = None
-    warnings = []
-    registration = None
-    if "image" in atts:
-        img = decode_image(atts["image"], ctx.limits.max_image_pixels, "the reference image")
-        rgba, reg = reference_view(img, mesh, p["reference_elevation"])
-        reference = (rgba, reg.c2w, reg.intr)
-        registration = {"iou": reg.iou, "distance": reg.distance, "fov_deg": math.degrees(reg.intr.fov_x),
-                        "offset_px": list(reg.offset_px)}
-        if reg.iou < REGISTRATION_MIN_IOU:
-            warnings.append(f"the reference image matches the mesh's front silhouette poorly (IoU {reg.iou:.2f}); "
-                            "it probably does not show this mesh from the front (-Y) at this elevation")
-            plan["load"].update(1.0, warnings[-1])
-    if not p["prompt"].strip() and reference is None:
-        raise InputError("refine_texture needs a prompt or a reference image")
-    if ctx.models is None:
-        raise InputError("this backend was started without models")
-    s = RefineSettings(steps=p["steps"], update=p["update"], seed=p["seed"], lr=p["lr"],
-                       camera_prob=0.5 if cameras else 0.0, reference_weight=p["reference_weight"],
-                       prior_weight=p["prior_weight"])
-    gs = build_guidances(ctx.models, p["prompt"], p["negative_prompt"], reference[0] if reference else None,
-                         p["reference_elevation"], p["guidance"], p["image_guidance"], ctx.device)
-    with _resident(ctx.models):
-        new, report = refine_texture(mesh, gs, s, cameras, reference, ctx.device, plan["refine"])
-    glb = write_glb(new)
-    plan["export"].update(1.0)
-    meta = {"uv_source": uv_source, "faces": int(len(new.faces)), "vertices": int(len(new.vertices)),
-            "texture_size": int(new.texture.shape[0]), "steps": report.steps, "scene_cameras": len(cameras),
-            "update": p["update"], "timings": {"refine": report.seconds}, "final_loss": report.losses[-1] if report.losses else None,
-            "prior_views": report.prior_views, "scene_views_without_prior": report.scene_views_dropped}
-    if registration is not None:
-        meta["reference_registration"] = registration
-    if warnings:
-        meta["warnings"] = warnings
-    return JobOutput([Attachment("model.glb", "model/gltf-binary", glb)], meta)
-
-
-SPEC = JobSpec(
-    kind="refine_texture",
-    description="Refine or restyle the texture of a mesh (GLB) by score distillation; geometry unchanged.",
-    handler=_handle,
-    params=(
-        Param("prompt", str, "", "what the texture should look like"),
-        Param("negative_prompt", str, "", "what to avoid"),
-        Param("seed", int, 0, "random seed", min=0, max=2**31 - 1),
-        Param("steps", int, 100, "refinement steps", min=1, max=20000),
-        Param("texture_size", int, 0, "texture size (0: keep the mesh's, or 1024)", min=0, max=8192),
-        Param("guidance", float, 100.0, "text guidance scale (SDS needs a high one)", min=0.0, max=500.0),
-        Param("image_guidance", float, 4.0, "Zero-1-to-3 guidance scale", min=0.0, max=50.0),
-        Param("update", str, "sds", "update rule: sds | sdedit | csd", choices=("sds", "sdedit", "csd")),
-        Param("lr", float, 0.03, "texture learning rate", min=1e-5, max=1.0),
-        Param("reference_weight", float, 1.0, "weight of the reference view's per-pixel MSE (the priors' losses "
-              "are per-element means too)", min=0.0, max=1e4),
-        Param("prior_weight", float, 1.0, "weight of the priors (text and image) against the reference", min=0.0, max=1e4),
-        Param("reference_elevation", float, 0.0, "elevation of the reference image's camera", min=-60.0, max=80.0),
-    ),
-    attachments=(
-        AttachmentSpec("mesh", "glb", True, "the mesh to refine (one mesh, world transform applied)", check=check_glb),
-        AttachmentSpec("image", "image", False, "optional reference image (seen from the front, -Y)"),
-        AttachmentSpec("cameras", "json", False, "optional scene cameras to refine what they see"),
-    ),
-)
-
-
-def _configure(p) -> None:
-    from .cli import add_param_flags
-
-    p.add_argument("mesh", help="GLB to refine")
-    p.add_argument("--out", required=True, help="output GLB")
-    p.add_argument("--reference", default=None, help="reference image (PNG/JPEG)")
-    p.add_argument("--cameras", default=None, help="scene cameras (JSON, see docs/jobs.md) or a transforms.json")
-    add_param_flags(p, SPEC)
-
-
-def _run(args) -> int:
-    from .cli import params_from_args, run_job, write_outputs
-
-    atts = []
-    for flag, name, mime in ((args.mesh, "mesh", "model/gltf-binary"), (args.reference, "image", "image/png"),
-                             (args.cameras, "cameras", "application/json")):
-        if flag is None:
-            continue
-        path = Path(flag)
-        if not path.is_file():
-            raise InputError(f"{path} not found")
-        atts.append(Attachment(name, mime, path.read_bytes()))
-    meta, files = run_job(args, "refine_texture", params_from_args(args, SPEC), atts)
-    for p in write_outputs(files, {"model.glb": args.out}):
-        print(p)
-    print(f"{meta.get('faces')} faces, UVs from {meta.get('uv_source')}, {meta.get('steps')} steps in "
-          f"{meta.get('timings', {}).get('refine', 0):.1f}s")
-    if "reference_registration" in meta:
-        print(f"reference registered by silhouette: IoU {meta['reference_registration']['iou']:.3f}")
-    for w in meta.get("warnings", []):
-        print(f"warning: {w}", file=sys.stderr)
-    return 0
-
-
-CLI = (_configure, _run)

@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass, field
 
 from gen3d_wire.protocol import Attachment
 
-from . import device as dev
-from .jobs import JobContext, JobInputs, JobOutput, JobSpec, Param
-from .progress import NULL, Progress
+from ..common import device as dev
+from ..service.jobs import JobContext, JobInputs, JobOutput, JobSpec, Param
+from ..common.progress import NULL, Progress
 
 
 @dataclass
@@ -57,7 +57,7 @@ def matmul_bench(device: str, seconds: float, size: int, progress: Progress = NU
 
 def diagnose(device: str, bench_seconds: float = 0.0, bench_size: int = 512, progress: Progress = NULL) -> DiagnoseReport:
     bench = matmul_bench(device, bench_seconds, bench_size, progress) if bench_seconds > 0 else {}
-    from .gaussians.render import renderer_info
+    from ..gaussians.render import renderer_info
 
     return DiagnoseReport(dev.device_info(device), dev.memory_info(device), dev.versions(), renderer_info(device), bench)
 

@@ -44,9 +44,9 @@ import zmq
 from gen3d_wire import protocol as P
 from gen3d_wire.protocol import Attachment, ErrorCode, ProtocolError
 
-from . import device as dev
+from ..common import device as dev
 from .jobs import JobContext, JobError, JobInputs, Limits, Registry
-from .progress import Cancelled, Progress
+from ..common.progress import Cancelled, Progress
 
 log = logging.getLogger("gen3d.server")
 
@@ -833,19 +833,19 @@ def _salvage_req(body: list) -> str | None:
 
 
 def _package_version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 
 
 def _preset_names() -> list[str]:
-    from .models.presets import PRESETS
+    from ..models.presets import PRESETS
 
     return list(PRESETS)
 
 
 def _renderer_info(device: str, check: bool = False) -> dict:
     """Which Gaussian rasterizer jobs use on ``device`` (never compiles gsplat unless ``check``)."""
-    from .gaussians.render import renderer_info
+    from ..gaussians.render import renderer_info
 
     return renderer_info(device, check=check)

@@ -1,0 +1,141 @@
+"""Job kinds ``text_to_3d`` and ``image_to_3d``: request parameters -> the generation
+pipeline's settings (:mod:`backend.pipeline.generate`) -> GLB and metadata."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from gen3d_wire.protocol import Attachment
+
+from ..common.dataset import decode_image, encode_png
+from ..common.progress import Progress
+from ..mesh.gltf import write_glb
+from ..pipeline.generate import QUALITY, GenerateResult, GenerateSettings, image_to_3d, text_to_image
+from ..pipeline.novel_views import Zero123Views
+from ..service.jobs import AttachmentSpec, InputError, JobContext, JobInputs, JobOutput, JobSpec, Param
+
+
+def _device_kind(device: str) -> str:
+    return "cuda" if str(device).startswith("cuda") else "cpu"
+
+
+def settings_from_params(p: dict, device: str) -> GenerateSettings:
+    q = QUALITY[p["quality"]]
+    kind = _device_kind(device)
+
+    def pick(name, default):
+        v = p.get(name)
+        return default if v in (None, 0) else v
+
+    s = GenerateSettings()
+    s.views = pick("views", q["views"])
+    s.view_steps = pick("view_steps", q["view_steps"])
+    s.view_guidance = p["view_guidance"]
+    s.reference_elevation = p["reference_elevation"]
+    s.seed = p["seed"]
+    s.refine = p["refine"]
+    s.refine_steps = pick("refine_steps", q["refine_steps"])
+    s.resolution = q["resolution"][kind]
+    s.reconstruct.train.iterations = pick("iterations", q["iterations"][kind])
+    s.reconstruct.train.seed = p["seed"]
+    s.reconstruct.mesh.clean.target_faces = p["faces"]
+    s.reconstruct.bake.texture_size = pick("texture_size", q["texture_size"])
+    s.reconstruct.name = "gen3d"
+    return s
+
+
+COMMON = (
+    Param("quality", str, "standard", "draft | standard | high: sets the step counts not given explicitly",
+          choices=tuple(QUALITY)),
+    Param("seed", int, 0, "random seed (the same seed gives the same result)", min=0, max=2**31 - 1),
+    Param("views", int, 0, "novel views to generate (0: by quality)", min=0, max=64),
+    Param("view_steps", int, 0, "denoising steps per novel view (0: by quality)", min=0, max=500),
+    Param("view_guidance", float, 3.0, "classifier-free guidance of the novel-view model", min=0.0, max=20.0),
+    Param("iterations", int, 0, "Gaussian training steps (0: by quality and device)", min=0, max=100000),
+    Param("faces", int, 20000, "face budget of the mesh", min=100, max=2_000_000),
+    Param("texture_size", int, 0, "texture size in pixels (0: by quality)", min=0, max=8192),
+    Param("reference_elevation", float, 0.0, "elevation (degrees) of the camera that saw the reference", min=-60.0, max=80.0),
+    Param("refine", bool, True, "finish with SDS texture refinement"),
+    Param("refine_steps", int, 0, "texture refinement steps (0: by quality)", min=0, max=10000),
+)
+T2I = (
+    Param("prompt", str, "", "what to make"),
+    Param("negative_prompt", str, "", "what to avoid"),
+    Param("steps", int, 0, "text-to-image steps (0: by quality)", min=0, max=500),
+    Param("guidance", float, 7.5, "text-to-image classifier-free guidance", min=0.0, max=50.0),
+)
+
+
+def _need_prompt(inputs: JobInputs) -> None:
+    if not inputs.params["prompt"].strip():
+        raise ValueError("'text_to_3d' needs a non-empty 'prompt'")
+
+
+def _models(ctx: JobContext):
+    if ctx.models is None:
+        raise InputError("this backend was started without models")
+    return ctx.models
+
+
+def _finish(result: GenerateResult, extra: dict) -> JobOutput:
+    files = [Attachment("model.glb", "model/gltf-binary", write_glb(result.mesh)),
+             Attachment("reference.png", "image/png", encode_png(result.reference))]
+    extra = dict(extra)
+    timings = {"text_to_image": extra.pop("text_to_image_seconds")} if "text_to_image_seconds" in extra else {}
+    meta = {**result.stats, **extra, "normalization": result.normalization, "timings": {**timings, **result.timings}}
+    return JobOutput(files, meta)
+
+
+def _refiner(inputs: JobInputs, ctx: JobContext, prompt: str, settings: GenerateSettings):
+    try:
+        from ..pipeline.refine import pipeline_refiner
+    except ImportError:
+        return None
+    return pipeline_refiner(ctx.models, prompt, inputs.params.get("negative_prompt", ""), settings, ctx.device)
+
+
+def _generate(inputs: JobInputs, ctx: JobContext, image: np.ndarray, prompt: str, extra: dict,
+              progress: Progress) -> JobOutput:
+    s = settings_from_params(inputs.params, ctx.device)
+    models = _models(ctx)
+    gen = Zero123Views(models.zero123(), s.view_steps, s.view_guidance, s.seed)
+    refiner = _refiner(inputs, ctx, prompt, s) if s.refine else None
+    result = image_to_3d(image, gen, s, ctx.device, progress, refiner)
+    return _finish(result, extra)
+
+
+def _handle_text(inputs: JobInputs, ctx: JobContext) -> JobOutput:
+    p = inputs.params
+    models = _models(ctx)
+    q = QUALITY[p["quality"]]
+    plan = ctx.progress.stages({"text_to_image": 10, "generate": 90})
+    t0 = time.perf_counter()
+    image = text_to_image(models.stable_diffusion(), p["prompt"], p["negative_prompt"], p["steps"] or q["steps"],
+                          p["guidance"], p["seed"], progress=plan["text_to_image"])
+    plan["text_to_image"].update(1.0, "front view", encode_png(image))
+    extra = {"prompt": p["prompt"], "models": models.describe(), "text_to_image_seconds": time.perf_counter() - t0}
+    return _generate(inputs, ctx, image, p["prompt"], extra, plan["generate"])
+
+
+def _handle_image(inputs: JobInputs, ctx: JobContext) -> JobOutput:
+    image = decode_image(inputs.attachments["image"], ctx.limits.max_image_pixels, "the reference image")
+    return _generate(inputs, ctx, image, inputs.params["prompt"], {"models": _models(ctx).describe()}, ctx.progress)
+
+
+TEXT_SPEC = JobSpec(
+    kind="text_to_3d",
+    description="Prompt -> front view -> novel views -> textured mesh (GLB, unit sphere, front -Y).",
+    handler=_handle_text,
+    params=T2I + COMMON,
+    check=_need_prompt,
+)
+IMAGE_SPEC = JobSpec(
+    kind="image_to_3d",
+    description="Reference image -> novel views -> textured mesh (GLB, unit sphere, front -Y).",
+    handler=_handle_image,
+    params=(Param("prompt", str, "", "optional description, used by the texture refinement"),
+            Param("negative_prompt", str, "", "what to avoid in the refinement")) + COMMON,
+    attachments=(AttachmentSpec("image", "image", True, "the reference image; RGBA alpha = the object's mask"),),
+)

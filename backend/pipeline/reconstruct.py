@@ -1,0 +1,155 @@
+"""Posed views -> 3D Gaussians -> clean textured mesh: the reconstruction pipeline
+(job kind: :mod:`backend.kinds.reconstruct`)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+from ..common import cameras as cam
+from ..common.dataset import PosedViews
+from ..gaussians.init import inside_hull
+from ..gaussians.model import Gaussians
+from ..gaussians.render import renderer_name
+from ..gaussians.train import TrainSettings, train_gaussians
+from ..mesh.bake import BakeSettings, BakeView, bake_texture, sphere_cameras
+from ..mesh.clean import CleanSettings, clean_mesh
+from ..mesh.extract import calibrated_surface, centre_density, density_grid, free_space, gaussian_bounds, solid_surface
+from ..mesh.textured import TexturedMesh
+from ..mesh.uv import unwrap
+from ..common.progress import NULL, Progress
+
+
+@dataclass
+class MeshSettings:
+    grid_resolution: int = 128
+    level: float = 0.0  # iso level of the density (0: calibrated on the views' silhouettes)
+    carve_views: int = 26  # extra views around the object used to find free space
+    hull_consistency: float = 0.9  # a voxel outside the masks of more than 10 % of the views is empty
+    clean: CleanSettings = field(default_factory=CleanSettings)
+
+
+@dataclass
+class ReconstructSettings:
+    train: TrainSettings = field(default_factory=TrainSettings)
+    mesh: MeshSettings = field(default_factory=MeshSettings)
+    bake: BakeSettings = field(default_factory=BakeSettings)
+    resolution: int = 0  # resize views so the long side is this (0: as given)
+    bake_resolution: int = 0  # Gaussian renders for baking (0: twice the views', at most 512)
+    name: str = "gen3d"
+
+
+@dataclass
+class ReconstructResult:
+    mesh: TexturedMesh
+    gaussians: Gaussians
+    timings: dict
+    stats: dict
+
+
+def view_rig(views: PosedViews, center: np.ndarray) -> tuple[float, float]:
+    """Median camera distance to ``center`` and median horizontal field of view (degrees)."""
+    dist = float(np.median(np.linalg.norm(views.c2w[:, :3, 3] - center, axis=1)))
+    fov = float(np.degrees(np.median([k.fov_x for k in views.intrinsics])))
+    return dist, fov
+
+
+@torch.no_grad()
+def render_views(g: Gaussians, rig: list[tuple[np.ndarray, cam.Intrinsics]]) -> list[BakeView]:
+    out = []
+    for c2w, k in rig:
+        col, al, _ = g.render(c2w[None], k, background=None)
+        rgb = col[0] / al[0].clamp_min(1e-6)
+        out.append(BakeView(c2w, k, torch.cat([rgb, al[0]], -1).clamp(0, 1).cpu().numpy()))
+    return out
+
+
+def gaussians_to_mesh(g: Gaussians, views: PosedViews, settings: MeshSettings, progress: Progress = NULL):
+    """Density grid, free-space carving from renders, marching cubes, clean-up.
+    Returns (vertices, faces, normals, iso level) in world space."""
+    lo, hi = gaussian_bounds(g)
+    grid = density_grid(g, settings.grid_resolution, (lo, hi))
+    progress.update(0.3, "density grid")
+    center = 0.5 * (lo + hi)
+    dist, fov = view_rig(views, center)
+    res = max(64, min(256, max(views.width, views.height)))
+    rig = [(views.c2w[i], views.intrinsics[i]) for i in range(len(views))]
+    if settings.carve_views:
+        rig += sphere_cameras(center, dist, fov, res)[: settings.carve_views]
+    free = free_space(grid, g, rig)
+    # the surface cannot leave the views' visual hull: floaters outside it are not object
+    dims = grid.values.shape
+    ii, jj, kk = np.meshgrid(*[np.arange(d) for d in dims], indexing="ij")
+    hull = inside_hull(grid.world(np.stack([ii, jj, kk], -1).reshape(-1, 3)).astype(np.float32), views,
+                       settings.hull_consistency, dilate=2).reshape(dims)
+    grid.values[~hull] = 0.0
+    free |= ~hull
+    progress.update(0.5, "free space")
+    if settings.level > 0:
+        v, f = solid_surface(grid, free, settings.level)
+        level = settings.level
+    else:
+        v, f, level, _ = calibrated_surface(grid, free, views, centre_density(grid, g))
+    progress.update(0.7, f"marching cubes at level {level:g}: {len(f)} faces")
+    v, f, n = clean_mesh(v, f, settings.clean)
+    return v, f, n, level
+
+
+def reconstruct(views: PosedViews, settings: ReconstructSettings | None = None, device: str = "cpu",
+                progress: Progress = NULL) -> ReconstructResult:
+    s = settings or ReconstructSettings()
+    timings: dict[str, float] = {}
+    if s.resolution and max(views.width, views.height) != s.resolution:
+        views = views.resized(s.resolution)
+    plan = progress.stages({"gaussians": 70, "mesh": 8, "uv": 6, "texture": 16})
+
+    t = time.perf_counter()
+    trained = train_gaussians(views, s.train, device, plan["gaussians"])
+    g = trained.gaussians
+    timings["gaussians"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    p = plan["mesh"]
+    v, f, n, level = gaussians_to_mesh(g, views, s.mesh, p)
+    timings["mesh"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    plan["uv"].update(0.0, f"unwrapping {len(f)} faces")
+    vmap, uf, uv = unwrap(v, f, s.bake.texture_size, normals=n)
+    uvv, uvn = v[vmap], n[vmap]
+    timings["uv"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    center = 0.5 * (v.min(0) + v.max(0))
+    dist, fov = view_rig(views, center)
+    bres = s.bake_resolution or min(512, 2 * max(views.width, views.height))
+    rig = [(views.c2w[i], views.intrinsics[i].scaled(*_scaled_size(views, bres))) for i in range(len(views))]
+    rig += sphere_cameras(center, dist, fov, bres)
+    bake_views = render_views(g, rig)
+    tex, covered = bake_texture(uvv, uf, uv, uvn, bake_views, s.bake, plan["texture"])
+    timings["texture"] = time.perf_counter() - t
+    mesh = TexturedMesh(uvv, uf, uv, tex, uvn, name=s.name)
+    stats = {
+        "views": len(views),
+        "view_size": [views.width, views.height],
+        "iterations": trained.iterations,
+        "gaussians": len(g),
+        "vertices": int(len(uvv)),
+        "faces": int(len(uf)),
+        "iso_level": level,
+        "texture_size": int(tex.shape[0]),
+        "texture_coverage": float(covered.mean()),
+        "bounds": [v.min(0).tolist(), v.max(0).tolist()],
+        "device": str(device),
+        "renderer": renderer_name(device),
+    }
+    return ReconstructResult(mesh, g, timings, stats)
+
+
+def _scaled_size(views: PosedViews, long_side: int) -> tuple[int, int]:
+    s = long_side / max(views.width, views.height)
+    return max(1, round(views.width * s)), max(1, round(views.height * s))
