@@ -349,6 +349,19 @@ def sample_view(rng: np.random.Generator, center, dist: float, fov_deg: float, s
 def refine_texture(mesh: TexturedMesh, guidances: Sequence[Guidance], settings: RefineSettings | None = None,
                    cameras: Sequence[tuple[np.ndarray, cam.Intrinsics]] = (), reference: tuple | None = None,
                    device: str = "cpu", progress: Progress = NULL) -> tuple[TexturedMesh, RefineReport]:
+    """See :func:`_refine_texture`. The same seed gives the same texture: the guidances' VAE
+    posterior samples draw from torch's global generator, seeded here for the refinement only
+    (the caller's random state is restored afterwards)."""
+    s = settings or RefineSettings()
+    dev = torch.device(device)
+    with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
+        torch.manual_seed(s.seed)
+        return _refine_texture(mesh, guidances, s, cameras, reference, device, progress)
+
+
+def _refine_texture(mesh: TexturedMesh, guidances: Sequence[Guidance], settings: RefineSettings | None = None,
+                    cameras: Sequence[tuple[np.ndarray, cam.Intrinsics]] = (), reference: tuple | None = None,
+                    device: str = "cpu", progress: Progress = NULL) -> tuple[TexturedMesh, RefineReport]:
     """Optimise ``mesh.texture`` under the guidances. ``cameras``: given views
     (scene cameras) drawn with probability ``camera_prob``; ``reference``:
     (rgba [H,W,4], c2w, Intrinsics) matched by a per-pixel MSE. Sampled views
