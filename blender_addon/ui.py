@@ -16,7 +16,7 @@ from .manager import CONNECTING, MANAGER
 STAGE_LABELS = {
     "connecting": "Connecting", "starting backend": "Starting backend", "submitting": "Sending",
     "queued": "Queued", "text_to_image": "Text to image", "segment": "Cutting out", "novel_views": "Novel views",
-    "gaussians": "Gaussians", "mesh": "Mesh", "uv": "UV unwrap", "texture": "Texture", "refine": "Refining",
+    "gaussians": "Gaussians", "distill": "Score distillation", "mesh": "Mesh", "uv": "UV unwrap", "texture": "Texture", "refine": "Refining",
     "export": "Export", "job": "Working",
 }
 

@@ -64,7 +64,9 @@ def load_png(path: Path) -> np.ndarray:
 
 @dataclass
 class OracleViews:
-    """Blender renders of ``obj`` (centred at ``center``) for the requested relative poses."""
+    """Blender renders of ``obj`` (centred at ``center``) for the requested relative poses;
+    with ``mesh`` (a TexturedMesh) our rasterizer renders that mesh instead (no Blender: fast
+    tests of what lies downstream of the views)."""
 
     obj: str
     center: np.ndarray
@@ -74,6 +76,7 @@ class OracleViews:
     offset: tuple = (0.0, 0.0, 0.0)
     flip_azimuth: bool = False
     kind: str = "zero123"
+    mesh: object = None
 
     def reference_c2w(self, elevation: float) -> np.ndarray:
         el = math.radians(elevation)
@@ -81,6 +84,12 @@ class OracleViews:
         return look_at(eye, self.center)
 
     def render(self, c2ws: list[np.ndarray]) -> np.ndarray:
+        if self.mesh is not None:
+            from backend.common import cameras as cam
+            from backend.mesh.textured import render_mesh_rgba
+
+            k = cam.Intrinsics.from_fov(math.radians(self.fov_deg), self.size, self.size)
+            return np.stack([render_mesh_rgba(self.mesh, m, k, supersample=3) for m in c2ws]).astype(np.float32)
         meta = {"camera_angle_x": math.radians(self.fov_deg),
                 "frames": [{"file_path": f"v{i:03d}", "transform_matrix": m.tolist()} for i, m in enumerate(c2ws)]}
         with tempfile.TemporaryDirectory() as tmp:
@@ -113,11 +122,15 @@ class OracleViews:
         return out
 
 
-def framing_radius(vertices: np.ndarray, center: np.ndarray, fill: float = 0.8, fov_deg: float = 49.1,
+def framing_radius(vertices: np.ndarray, center: np.ndarray, fill: float | None = None, fov_deg: float = 49.1,
                    elevation: float = 0.0, size: int = 256) -> float:
     """Camera distance at which the object's longer side spans ``fill`` of the reference
-    frame, so that the pipeline takes the reference as framed (no re-cropping)."""
+    frame (default: the pipeline's ``FILL``), so that the pipeline takes the reference as
+    framed (no re-cropping)."""
     from backend.common import cameras as cam
+    from backend.pipeline.novel_views import FILL
+
+    fill = FILL if fill is None else fill
 
     k = cam.Intrinsics.from_fov(math.radians(fov_deg), size, size)
     r = float(np.linalg.norm(vertices - center, axis=1).max()) / (fill * math.tan(math.radians(fov_deg) / 2))
@@ -193,3 +206,150 @@ class MeshTruth:
         with torch.no_grad():
             return torch.stack([render_textured(self.V, self.F, self.UV, self.T, v.c2w, v.intr, self.supersample,
                                                 background=white) for v in views]).permute(0, 3, 1, 2)
+
+
+@dataclass
+class ViewFaults:
+    """Zero-1-to-3-like faults of one novel view, drawn per view from a seed. Defaults are
+    what published Zero-1-to-3 XL samples show at 256 px: a few degrees of pose error with a
+    systematic elevation bias, a few percent of scale drift, softer images, colour and
+    brightness drift, and an unseen side hallucinated differently in every sample."""
+
+    jitter_deg: float = 4.0  # std of azimuth and elevation errors
+    elevation_bias_deg: float = 5.0  # every view a little higher than asked
+    scale_drift: float = 0.06  # std of the relative camera distance
+    blur_px: tuple = (0.6, 2.0)  # range of the Gaussian blur's sigma, in pixels at 256 px
+    gain: float = 0.08  # std of a per-channel gain
+    brightness: float = 0.05  # std of an additive brightness shift
+    unseen: float = 0.3  # amplitude of view-specific detail, full on the side opposite the reference
+
+    def draw(self, rng: np.random.Generator) -> dict:
+        return {"d_el": self.elevation_bias_deg + rng.normal(0, self.jitter_deg),
+                "d_az": rng.normal(0, self.jitter_deg),
+                "scale": float(np.clip(1 + rng.normal(0, self.scale_drift), 0.8, 1.2)),
+                "blur": float(rng.uniform(*self.blur_px)),
+                "gain": 1 + rng.normal(0, self.gain, 3),
+                "shift": rng.normal(0, self.brightness),
+                "pattern_seed": int(rng.integers(2**31))}
+
+
+@dataclass
+class DegradedOracleViews(OracleViews):
+    """:class:`OracleViews` with :class:`ViewFaults`: the same contract and the same true
+    object, but each view is rendered from a perturbed camera and then blurred, colour-shifted
+    and given its own detail on the side the reference did not see. The reference itself
+    (``reference()``) stays perfect, as a user's photograph would be."""
+
+    faults: ViewFaults = None  # type: ignore[assignment]
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.faults is None:
+            self.faults = ViewFaults()
+
+    def __call__(self, reference: np.ndarray, reference_elevation: float, poses, progress=None) -> np.ndarray:
+        rng = np.random.default_rng(self.seed)
+        draws = [self.faults.draw(rng) for _ in poses]
+        perturbed = [(d_el + f["d_el"], d_az + f["d_az"], d_r + self.radius * (f["scale"] - 1))
+                     for (d_el, d_az, d_r), f in zip(poses, draws)]
+        views = super().__call__(reference, reference_elevation, perturbed, None)
+        out = np.stack([self.degrade(v, f, pose[1]) for v, f, pose in zip(views, draws, poses)])
+        if progress is not None:
+            progress.update(1.0, f"{len(out)} degraded oracle views")
+        return out
+
+    def degrade(self, rgba: np.ndarray, f: dict, d_az: float) -> np.ndarray:
+        return apply_faults(rgba, f, d_az, self.faults.unseen)
+
+
+def apply_faults(rgba: np.ndarray, f: dict, azimuth: float, unseen: float) -> np.ndarray:
+    """Blur, colour drift and view-specific detail (``f`` from :meth:`ViewFaults.draw`) on a
+    straight-alpha RGBA image; the detail grows toward the side opposite the reference
+    (``azimuth`` 180)."""
+    from scipy.ndimage import gaussian_filter
+
+    h = rgba.shape[0]
+    sigma = f["blur"] * h / 256
+    a = gaussian_filter(rgba[..., 3], sigma)
+    pre = np.stack([gaussian_filter(rgba[..., c] * rgba[..., 3], sigma) for c in range(3)], -1)
+    rgb = pre / np.maximum(a[..., None], 1e-4)
+    rgb = rgb * f["gain"] + f["shift"]
+    away = 0.5 * (1 - math.cos(math.radians(azimuth)))  # 0 facing the reference's side, 1 opposite
+    if unseen > 0 and away > 0:
+        prng = np.random.default_rng(f["pattern_seed"])
+        field = np.stack([gaussian_filter(prng.normal(0, 1, (h, h)), h / 24) for _ in range(3)], -1)
+        field /= max(float(np.abs(field).max()), 1e-6)
+        rgb = rgb + unseen * away * field
+    return np.concatenate([np.clip(rgb, 0, 1), np.clip(a, 0, 1)[..., None]], -1).astype(np.float32)
+
+
+class RigTruth:
+    """True renders for the oracle denoiser at cameras given in the generation rig's frame
+    (object at the origin, the reference at distance ``RADIUS``): the truth's frame is the
+    rig's scaled by ``scale`` and moved to ``center``. ``faults`` makes it a sampler like
+    Zero-1-to-3's: every call renders from a perturbed camera, then blurs, shifts colours
+    and invents its own detail on the unseen side (:class:`ViewFaults`, drawn per view from
+    ``seed`` and the call count), so score distillation and SDEdit meet a prior that is
+    right on average but never exactly. Returns [B,3,H,W] on white."""
+
+    def __init__(self, mesh, center, scale: float, faults: "ViewFaults | None" = None, seed: int = 0,
+                 supersample: int = 2):
+        import torch
+
+        self.V = torch.as_tensor(mesh.vertices, dtype=torch.float32)
+        self.F = torch.as_tensor(mesh.faces)
+        self.UV = torch.as_tensor(mesh.uv, dtype=torch.float32)
+        self.T = torch.as_tensor(mesh.texture, dtype=torch.float32)
+        self.center = np.asarray(center, np.float64)
+        self.scale = float(scale)
+        self.faults = faults
+        self.rng = np.random.default_rng(seed)
+        self.supersample = supersample
+
+    def __call__(self, views):
+        import torch
+
+        from backend.common import cameras as cam
+        from backend.mesh.textured import render_textured
+
+        out = []
+        for v in views:
+            el, az, r = cam.c2w_to_spherical(v.c2w, np.zeros(3))
+            f = self.faults.draw(self.rng) if self.faults is not None else None
+            if f is not None:
+                el, az, r = el + f["d_el"], az + f["d_az"], r * f["scale"]
+            c2w = cam.spherical_to_c2w(el, az, r * self.scale, self.center)
+            with torch.no_grad():
+                rgba = render_textured(self.V, self.F, self.UV, self.T, c2w, v.intr, self.supersample).clamp(0, 1).numpy()
+            if f is not None:
+                rgba = apply_faults(rgba, f, v.azimuth, self.faults.unseen)
+            rgb = rgba[..., :3] * rgba[..., 3:4] + (1 - rgba[..., 3:4])
+            out.append(torch.as_tensor(rgb, dtype=torch.float32).permute(2, 0, 1))
+        return torch.stack(out)
+
+
+def gt_textured_mesh(npz) -> "object":
+    """The ground truth's ``gt_mesh.npz`` (vertices, faces, uv, texture) as a TexturedMesh."""
+    from backend.mesh.textured import TexturedMesh
+
+    v, f, uv = np.asarray(npz["vertices"], np.float64), np.asarray(npz["faces"], np.int64), np.asarray(npz["uv"], np.float32)
+    if uv.ndim == 3:  # per face corner: one vertex per corner
+        v, uv, f = v[f].reshape(-1, 3), uv.reshape(-1, 2), np.arange(f.size, dtype=np.int64).reshape(-1, 3)
+    tex = np.asarray(npz["texture"])
+    tex = tex.astype(np.float32) / 255.0 if tex.dtype == np.uint8 else tex.astype(np.float32)
+    return TexturedMesh(v, f, uv, tex[..., :3])
+
+
+def oracle_prior(npz, radius: float, faults: "ViewFaults | None" = None, seed: int = 0, size: int = 128,
+                 guidance_scale: float = 1.0):
+    """A prior factory for ``image_to_3d``: the oracle denoiser on :class:`RigTruth` (perfect,
+    or with Zero-1-to-3-like ``faults``)."""
+    from backend.pipeline.novel_views import RADIUS
+    from backend.pipeline.sds import OracleGuidance
+
+    truth = RigTruth(gt_textured_mesh(npz), npz["center"], radius / RADIUS, faults, seed)
+
+    def build(reference_rgba, elevation):
+        return [OracleGuidance(truth, size=size, guidance_scale=guidance_scale)]
+
+    return build

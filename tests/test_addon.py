@@ -60,8 +60,8 @@ def need(backend_server, *kinds):
 
 
 # Small step counts for the real tiny backend (sent through Scene.gen3d.extra_params, as a TD would)
-FAST = {"text_to_3d": {"views": 4, "view_steps": 3, "steps": 2, "iterations": 40, "refine_steps": 2},
-        "image_to_3d": {"views": 4, "view_steps": 3, "iterations": 40, "refine_steps": 2},
+FAST = {"text_to_3d": {"views": 4, "view_steps": 3, "steps": 2, "iterations": 40, "distill_steps": 8, "refine_steps": 2},
+        "image_to_3d": {"views": 4, "view_steps": 3, "iterations": 40, "distill_steps": 8, "refine_steps": 2},
         "refine_texture": {"steps": 3}}
 
 

@@ -18,7 +18,7 @@ from backend.service.jobs import ModelMissing
 from backend.models.presets import PRESETS, resolve
 from backend.models.store import ModelStore
 from backend.models.tiny import build_tiny
-from backend.pipeline.novel_views import FOV_DEG, RADIUS, plan_views, prepare_reference
+from backend.pipeline.novel_views import FILL, FOV_DEG, RADIUS, plan_views, prepare_reference
 from backend.pipeline.segment import foreground
 
 from conftest import ROOT
@@ -157,9 +157,12 @@ def test_view_plan():
     poses = plan_views(12, reference_elevation=5.0)
     assert len(poses) == 12
     els = sorted({round(5.0 + p[0], 6) for p in poses})
-    assert els == [-10.0, 20.0]
-    az = sorted(p[1] for p in poses)
-    assert np.allclose(np.diff(az), 30.0) and 0 < az[0] < 30  # evenly around, the reference side included
+    assert els == [-10.0, 20.0, 60.0]  # two rings and the top
+    ring = [p for p in poses if round(5.0 + p[0]) != 60]
+    assert len(ring) == 10
+    az = sorted(p[1] for p in ring)
+    assert np.allclose(np.diff(az), 36.0) and 0 < az[0] < 36  # evenly around, the reference side included
+    assert len(plan_views(4)) == 4 and all(5.0 + p[0] < 60 for p in plan_views(4, 5.0))  # few views: rings only
     with pytest.raises(ValueError):
         plan_views(0)
 
@@ -193,7 +196,7 @@ def test_prepare_reference_frames_the_object():
     out, info = prepare_reference(rgba)
     assert out.shape == (256, 256, 4) and info["reframed"]
     ys, xs = np.nonzero(out[..., 3] > 0.5)
-    assert abs((xs.max() - xs.min() + 1) / 256 - 0.8) < 0.03
+    assert abs((xs.max() - xs.min() + 1) / 256 - FILL) < 0.03
     assert abs((xs.min() + xs.max()) / 2 - 127.5) < 3 and abs((ys.min() + ys.max()) / 2 - 127.5) < 3
     framed, info = prepare_reference(out)
     assert not info["reframed"] and np.abs(framed - out).max() < 1e-6
@@ -260,7 +263,7 @@ def test_oracle_views_reconstruct_the_object(suzanne_dir):
 
 # -- jobs and CLI -----------------------------------------------------------------------------
 
-FAST = {"quality": "draft", "views": 4, "view_steps": 3, "iterations": 40, "faces": 1000, "texture_size": 128,
+FAST = {"quality": "draft", "views": 4, "view_steps": 3, "iterations": 40, "distill_steps": 8, "faces": 1000, "texture_size": 128,
         "refine": False}
 
 
@@ -283,8 +286,9 @@ def test_generate_jobs_on_the_server(tmp_path, tiny_store):
             msg = c.run("text_to_3d", {"prompt": "a red mug", "steps": 2, **FAST, "refine": True, "refine_steps": 2},
                         on_progress=events.append)
             stages = {e.get("stage") for e in events}
-            assert {"text_to_image", "novel_views", "gaussians", "mesh", "texture", "refine"} <= stages, stages
+            assert {"text_to_image", "novel_views", "gaussians", "distill", "mesh", "texture", "refine"} <= stages, stages
             assert "refine" in msg.get("metadata")["timings"]
+            assert msg.get("metadata")["prior"] == ["zero123"] and msg.get("metadata")["distill_steps"] == 8
             previews = [e for e in events if e.attachment("preview") is not None]
             assert any(e.get("stage") == "novel_views" for e in previews)
             prim = read_glb(msg.attachment("model.glb").data)[0]
@@ -322,7 +326,7 @@ def test_cli_generate_from_text_and_image(tmp_path, gt_data):
     from backend.mesh.gltf import read_glb
     from evaluation.blender_check import check_glb
 
-    args = ["--quality", "draft", "--views", "4", "--view-steps", "3", "--iterations", "40", "--faces", "1000",
+    args = ["--quality", "draft", "--views", "4", "--view-steps", "3", "--iterations", "40", "--distill-steps", "8", "--faces", "1000",
             "--texture-size", "128", "--no-refine", "--seed", "1", "-q"]
     r = subprocess.run([sys.executable, "-m", "backend", "generate", "--prompt", "a red mug", "--out", str(tmp_path / "t.glb"),
                         "--steps", "2", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)

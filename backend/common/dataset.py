@@ -27,12 +27,15 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 
 @dataclass
 class PosedViews:
-    """N posed views: RGBA images in [0, 1] (straight alpha), c2w matrices, intrinsics."""
+    """N posed views: RGBA images in [0, 1] (straight alpha), c2w matrices, intrinsics,
+    and a confidence weight per view (1 for measured views; generated views less, those
+    facing away from the reference least)."""
 
     images: np.ndarray  # [N, H, W, 4] float32
     c2w: np.ndarray  # [N, 4, 4] float64, Blender convention
     intrinsics: list[cam.Intrinsics]
     names: list[str] = field(default_factory=list)
+    weights: np.ndarray | None = None  # [N] in (0, 1]; None: all 1
 
     def __post_init__(self) -> None:
         n = len(self.images)
@@ -40,6 +43,10 @@ class PosedViews:
             raise ValueError("images, cameras and intrinsics disagree in number")
         if not self.names:
             self.names = [f"view_{i:03d}" for i in range(n)]
+        w = np.ones(n) if self.weights is None else np.asarray(self.weights, np.float64).reshape(-1)
+        if len(w) != n or not np.all(np.isfinite(w)) or np.any(w < 0):
+            raise ValueError("view weights must be one finite, non-negative number per view")
+        self.weights = w
 
     def __len__(self) -> int:
         return len(self.images)
@@ -57,7 +64,8 @@ class PosedViews:
 
     def subset(self, idx: Sequence[int]) -> "PosedViews":
         idx = list(idx)
-        return PosedViews(self.images[idx], self.c2w[idx], [self.intrinsics[i] for i in idx], [self.names[i] for i in idx])
+        return PosedViews(self.images[idx], self.c2w[idx], [self.intrinsics[i] for i in idx], [self.names[i] for i in idx],
+                          self.weights[idx])
 
     def resized(self, resolution: int) -> "PosedViews":
         """Scale so that the longer side is ``resolution`` pixels (area filter, premultiplied)."""
@@ -67,7 +75,8 @@ class PosedViews:
             return self
         nh, nw = max(1, round(H * s)), max(1, round(W * s))
         out = np.stack([resize_rgba(im, nw, nh) for im in self.images])
-        return PosedViews(out, self.c2w.copy(), [k.scaled(nw, nh) for k in self.intrinsics], list(self.names))
+        return PosedViews(out, self.c2w.copy(), [k.scaled(nw, nh) for k in self.intrinsics], list(self.names),
+                          self.weights.copy())
 
 
 def resize_rgba(img: np.ndarray, width: int, height: int) -> np.ndarray:

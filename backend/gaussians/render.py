@@ -12,9 +12,9 @@ under 1/255 dropped, front-to-back compositing in depth order. It lists every
 (gaussian, pixel) pair that contributes, ordered by pixel and depth, and
 composites them with segmented scans; the compositing step has an analytic
 backward (as in 3DGS) and autograd does the rest, so gradients reach means,
-quats, scales, opacities and colours. (gsplat also stops a pixel once its
-transmittance falls under 1e-4; here those last, invisible contributions are
-kept, a difference far below 8-bit precision.)
+quats, scales, opacities and colours. As in gsplat, a pixel stops before the
+contribution that would take its transmittance under 1e-4: behind an opaque
+surface most pairs are dropped before the backward pass.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ log = logging.getLogger("gen3d.render")
 
 ALPHA_MIN = 1.0 / 255.0
 ALPHA_MAX = 0.999
+T_MIN = 1e-4  # a pixel is done once its transmittance would fall under this (gsplat's rule)
 
 
 def quat_to_rotmat(quats: torch.Tensor) -> torch.Tensor:
@@ -186,6 +187,12 @@ class _Composite(torch.autograd.Function):
         counts = torch.bincount(pix, minlength=n_pix)
         starts = torch.cumsum(counts, 0) - counts
         T = torch.exp(excl - excl[starts[pix]]).to(alpha.dtype)  # transmittance before each pair
+        # gsplat stops a pixel before the pair that would take its transmittance under T_MIN:
+        # within a pixel T only falls, so what stays is a prefix of each pixel's list
+        live = T * (1.0 - alpha) > T_MIN
+        if not bool(live.all()):
+            g, pix, dx, dy, e, raw, alpha, T = (x[live] for x in (g, pix, dx, dy, e, raw, alpha, T))
+            counts = torch.bincount(pix, minlength=n_pix)
         w = alpha * T
         D = feats.shape[-1]
         out = feats.new_zeros(n_pix, D).index_add_(0, pix, w[:, None] * feats[g])

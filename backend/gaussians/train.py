@@ -125,6 +125,9 @@ def train_gaussians(views: PosedViews, settings: TrainSettings | None = None, de
     state = strategy.initialize_state(scene_scale=scale)
 
     images = torch.as_tensor(views.images, dtype=torch.float32, device=device)  # [N,H,W,4]
+    # per-view confidence scales each view's loss (relative to the most trusted view)
+    weights = views.weights / max(float(views.weights.max()), 1e-12)
+    weighted = not np.allclose(weights, 1.0)
     from ..common import cameras as cam
 
     viewmats = torch.as_tensor(cam.c2w_to_viewmat(views.c2w), dtype=torch.float32, device=device)
@@ -147,13 +150,9 @@ def train_gaussians(views: PosedViews, settings: TrainSettings | None = None, de
         g = Gaussians(params, s.sh_degree)
         colors, alphas, info = rasterize(g.means, g.quats, g.scales, g.opacities, g.sh_coeffs(), viewmats[idx], Ks[idx],
                                          W, H, sh_degree=s.sh_degree, backgrounds=bg)
-        target = gt[..., :3] * gt[..., 3:4] + bg[:, None, None, :] * (1 - gt[..., 3:4])
-        l1 = (colors - target).abs().mean()
-        loss = (1 - s.ssim_weight) * l1
-        if s.ssim_weight > 0:
-            loss = loss + s.ssim_weight * (1 - ssim(colors.permute(0, 3, 1, 2), target.permute(0, 3, 1, 2)))
-        if s.mask_weight > 0:
-            loss = loss + s.mask_weight * (alphas[..., 0] - gt[..., 3]).abs().mean()
+        loss, l1 = photometric_loss(colors, alphas, gt, bg, s.ssim_weight, s.mask_weight)
+        if weighted:
+            loss = loss * float(weights[idx].mean())
         strategy.step_pre_backward(params, optimizers, state, step, info)
         loss.backward()
         for opt in optimizers.values():
@@ -178,6 +177,21 @@ def train_gaussians(views: PosedViews, settings: TrainSettings | None = None, de
 
     final = Gaussians({k: v.detach() for k, v in params.items()}, s.sh_degree)
     return TrainResult(final, bounds, iters, time.perf_counter() - t0, history)
+
+
+def photometric_loss(colors: torch.Tensor, alphas: torch.Tensor, gt: torch.Tensor, bg: torch.Tensor, ssim_weight: float,
+                     mask_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """3DGS's loss on renders composited over ``bg``: (1 - w) L1 + w (1 - SSIM), plus an L1
+    between the render's alpha and the view's mask. colors [B,H,W,3], alphas [B,H,W,1],
+    gt RGBA [B,H,W,4] (straight alpha), bg [B,3]. Returns (loss, L1)."""
+    target = gt[..., :3] * gt[..., 3:4] + bg[:, None, None, :] * (1 - gt[..., 3:4])
+    l1 = (colors - target).abs().mean()
+    loss = (1 - ssim_weight) * l1
+    if ssim_weight > 0:
+        loss = loss + ssim_weight * (1 - ssim(colors.permute(0, 3, 1, 2), target.permute(0, 3, 1, 2)))
+    if mask_weight > 0:
+        loss = loss + mask_weight * (alphas[..., 0] - gt[..., 3]).abs().mean()
+    return loss, l1
 
 
 @torch.no_grad()

@@ -13,7 +13,8 @@ from ..common.dataset import decode_image, encode_png
 from ..common.progress import Progress
 from ..mesh.gltf import write_glb
 from ..pipeline.generate import QUALITY, GenerateResult, GenerateSettings, image_to_3d, text_to_image
-from ..pipeline.novel_views import Zero123Views
+from ..pipeline.novel_views import Zero123Views, on_white
+from ..pipeline.sds import Zero123Guidance
 from ..service.jobs import AttachmentSpec, InputError, JobContext, JobInputs, JobOutput, JobSpec, Param
 
 
@@ -39,6 +40,11 @@ def settings_from_params(p: dict, device: str) -> GenerateSettings:
     s.refine_steps = pick("refine_steps", q["refine_steps"])
     s.resolution = q["resolution"][kind]
     s.reconstruct.train.iterations = pick("iterations", q["iterations"][kind])
+    s.reconstruct.train.max_gaussians = q["max_gaussians"][kind]  # the CPU renderer's cost grows with them
+    s.distill.steps = pick("distill_steps", q["distill_steps"][kind]) if p.get("prior", True) else 0
+    s.distill.seed = p["seed"]
+    updates = p.get("view_updates", -1)
+    s.view_updates = q["view_updates"] if updates is None or updates < 0 else updates
     s.reconstruct.train.seed = p["seed"]
     s.reconstruct.mesh.clean.target_faces = p["faces"]
     s.reconstruct.bake.texture_size = pick("texture_size", q["texture_size"])
@@ -54,6 +60,12 @@ COMMON = (
     Param("view_steps", int, 0, "denoising steps per novel view (0: by quality)", min=0, max=500),
     Param("view_guidance", float, 3.0, "classifier-free guidance of the novel-view model", min=0.0, max=20.0),
     Param("iterations", int, 0, "Gaussian training steps (0: by quality and device)", min=0, max=100000),
+    Param("prior", bool, True, "score distillation from the novel-view model on the Gaussians (off: fit the sampled "
+          "views alone)"),
+    Param("distill_steps", int, 0, "score distillation steps on the Gaussians (0: by quality and device)", min=0,
+          max=100000),
+    Param("view_updates", int, -1, "times the novel views are re-rendered and passed back through the model during "
+          "distillation (-1: by quality)", min=-1, max=20),
     Param("faces", int, 20000, "face budget of the mesh", min=100, max=2_000_000),
     Param("texture_size", int, 0, "texture size in pixels (0: by quality)", min=0, max=8192),
     Param("reference_elevation", float, 0.0, "elevation (degrees) of the camera that saw the reference", min=-60.0, max=80.0),
@@ -102,8 +114,18 @@ def _generate(inputs: JobInputs, ctx: JobContext, image: np.ndarray, prompt: str
     models = _models(ctx)
     gen = Zero123Views(models.zero123(), s.view_steps, s.view_guidance, s.seed)
     refiner = _refiner(inputs, ctx, prompt, s) if s.refine else None
-    result = image_to_3d(image, gen, s, ctx.device, progress, refiner)
+    result = image_to_3d(image, gen, s, ctx.device, progress, refiner, zero123_prior(models))
     return _finish(result, extra)
+
+
+def zero123_prior(models, guidance_scale: float = 5.0):
+    """Score distillation's guidance for image-to-3D: Zero-1-to-3 on the framed reference
+    (DreamGaussian's guidance scale)."""
+
+    def build(reference_rgba: np.ndarray, elevation: float):
+        return [Zero123Guidance(models.zero123(), on_white(reference_rgba), elevation, guidance_scale)]
+
+    return build
 
 
 def _handle_text(inputs: JobInputs, ctx: JobContext) -> JobOutput:

@@ -27,6 +27,7 @@ class BakeView:
     c2w: np.ndarray  # [4,4] Blender convention
     intr: cam.Intrinsics
     rgba: np.ndarray  # [H,W,4] straight alpha
+    weight: float = 1.0  # its votes count this many times (a photo over renders)
 
 
 @dataclass
@@ -119,7 +120,7 @@ def bake_texture(vertices: np.ndarray, faces: np.ndarray, uv: np.ndarray, normal
         cos = (nrm * to_cam).sum(1) / to_cam.norm(dim=1).clamp_min(1e-12)
         sample = _bilinear(img, xy)
         w = torch.where(visible & (cos > s.min_cos) & (sample[:, 3] > s.alpha_threshold),
-                        cos.clamp_min(0) ** s.cos_power, torch.zeros_like(cos))
+                        view.weight * cos.clamp_min(0) ** s.cos_power, torch.zeros_like(cos))
         acc += w[:, None] * sample[:, :3]
         wsum += w
     progress.update(1.0, "filling seams")

@@ -3,9 +3,11 @@
     prompt -> text-to-image front view -> foreground
     image  -> foreground
     reference (RGBA) -> framed reference -> novel views (Zero-1-to-3 or any
-    NovelViewGenerator) -> posed views on the canonical rig -> reconstruction
-    -> (SDS texture refinement) -> mesh centred at the origin, in the unit
-    sphere, front facing -Y -> GLB
+    NovelViewGenerator) -> posed views on the canonical rig, weighted by
+    confidence -> Gaussians fitted to them -> score distillation from the prior
+    (Zero-1-to-3 or an oracle) with the reference's loss, the views updated
+    through the prior -> mesh, UVs, texture -> (SDS texture refinement) -> mesh
+    centred at the origin, in the unit sphere, front facing -Y -> GLB
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -22,9 +24,13 @@ import torch
 from ..common import cameras as cam
 from ..common.dataset import PosedViews, encode_png
 from ..mesh.textured import TexturedMesh
-from .novel_views import FOV_DEG, RADIUS, NovelViewGenerator, absolute_pose, contact_sheet, plan_views, prepare_reference
 from ..common.progress import NULL, Progress
-from .reconstruct import ReconstructSettings, reconstruct
+from ..gaussians.train import train_gaussians
+from .distill import DistillSettings, distill_gaussians
+from .novel_views import (FOV_DEG, RADIUS, NovelViewGenerator, absolute_pose, contact_sheet, plan_views, prepare_reference,
+                          view_weights)
+from .reconstruct import ReconstructSettings, gaussians_to_textured_mesh
+from .sds import Guidance
 from .segment import foreground
 
 # the image becomes the reference at azimuth 0 (the object's front, seen from -Y): ask for exactly that view
@@ -35,11 +41,17 @@ NEGATIVE_PROMPT = ("back view, side view, top view, cropped, out of frame, multi
 
 # quality presets: what each sets unless the request gives it explicitly
 QUALITY = {
-    "draft": {"steps": 20, "views": 8, "view_steps": 30, "iterations": {"cpu": 250, "cuda": 1500}, "texture_size": 512,
+    "draft": {"steps": 20, "views": 8, "view_steps": 30, "iterations": {"cpu": 200, "cuda": 1500}, "texture_size": 512,
+              "max_gaussians": {"cpu": 8000, "cuda": 40000},
+              "distill_steps": {"cpu": 100, "cuda": 500}, "view_updates": 0,
               "refine_steps": 20, "resolution": {"cpu": 96, "cuda": 256}},
-    "standard": {"steps": 30, "views": 12, "view_steps": 50, "iterations": {"cpu": 450, "cuda": 3000}, "texture_size": 1024,
+    "standard": {"steps": 30, "views": 12, "view_steps": 50, "iterations": {"cpu": 300, "cuda": 2000}, "texture_size": 1024,
+                 "max_gaussians": {"cpu": 12000, "cuda": 60000},
+                 "distill_steps": {"cpu": 200, "cuda": 1000}, "view_updates": 2,
                  "refine_steps": 40, "resolution": {"cpu": 128, "cuda": 256}},
-    "high": {"steps": 50, "views": 16, "view_steps": 75, "iterations": {"cpu": 1000, "cuda": 6000}, "texture_size": 2048,
+    "high": {"steps": 50, "views": 16, "view_steps": 75, "iterations": {"cpu": 600, "cuda": 4000}, "texture_size": 2048,
+             "max_gaussians": {"cpu": 20000, "cuda": 100000},
+             "distill_steps": {"cpu": 500, "cuda": 2000}, "view_updates": 3,
              "refine_steps": 100, "resolution": {"cpu": 128, "cuda": 256}},
 }
 
@@ -53,9 +65,16 @@ class GenerateSettings:
     seed: int = 0
     segmenter: str = "auto"
     resolution: int = 128  # reconstruction works on views of this size
+    novel_weight: float = 0.7  # confidence of a generated view beside the reference (the reference: 1)
+    away_weight: float = 0.3  # ... times this for the view opposite the reference
     reconstruct: ReconstructSettings = field(default_factory=ReconstructSettings)
+    distill: DistillSettings = field(default_factory=DistillSettings)  # with a prior; steps 0: none
+    view_updates: int = 0  # iterative dataset updates during distillation (0: none)
     refine: bool = True
     refine_steps: int = 40
+
+
+PriorFactory = Callable[[np.ndarray, float], Sequence[Guidance]]  # (framed reference RGBA, its elevation) -> guidances
 
 
 @dataclass
@@ -72,8 +91,10 @@ def rig_camera(elevation: float, azimuth: float, radius: float = RADIUS) -> np.n
     return cam.spherical_to_c2w(elevation, azimuth, radius)
 
 
-def rig_views(reference: np.ndarray, novel: np.ndarray, poses, reference_elevation: float) -> PosedViews:
-    """The reference and the novel views as posed views on the canonical rig."""
+def rig_views(reference: np.ndarray, novel: np.ndarray, poses, reference_elevation: float,
+              weights: Sequence[float] | None = None) -> PosedViews:
+    """The reference (weight 1) and the novel views (``weights``, default 1) as posed views
+    on the canonical rig."""
     intr = cam.Intrinsics.from_fov(math.radians(FOV_DEG), reference.shape[1], reference.shape[0])
     images = [reference.astype(np.float32)]
     c2w = [rig_camera(reference_elevation, 0.0)]
@@ -81,8 +102,9 @@ def rig_views(reference: np.ndarray, novel: np.ndarray, poses, reference_elevati
         el, az, r = absolute_pose(pose, reference_elevation)
         images.append(img.astype(np.float32))
         c2w.append(rig_camera(el, az, r))
+    w = np.concatenate([[1.0], np.ones(len(novel)) if weights is None else np.asarray(weights, np.float64)])
     return PosedViews(np.stack(images), np.stack(c2w), [intr] * len(images),
-                      ["reference"] + [f"view_{i:02d}" for i in range(len(novel))])
+                      ["reference"] + [f"view_{i:02d}" for i in range(len(novel))], w)
 
 
 def normalize_mesh(mesh: TexturedMesh) -> tuple[TexturedMesh, dict]:
@@ -95,11 +117,15 @@ def normalize_mesh(mesh: TexturedMesh) -> tuple[TexturedMesh, dict]:
 
 
 def image_to_3d(image: np.ndarray, generator: NovelViewGenerator, settings: GenerateSettings | None = None,
-                device: str = "cpu", progress: Progress = NULL, refiner: Callable | None = None) -> GenerateResult:
-    """A reference image (RGB or RGBA float) to a normalised textured mesh."""
+                device: str = "cpu", progress: Progress = NULL, refiner: Callable | None = None,
+                prior: PriorFactory | None = None) -> GenerateResult:
+    """A reference image (RGB or RGBA float) to a normalised textured mesh. ``prior`` builds
+    the guidances for score distillation on the Gaussians from the framed reference; without
+    one (or with ``settings.distill.steps`` 0) the Gaussians are fitted to the views alone."""
     s = settings or GenerateSettings()
-    plan = progress.stages({"segment": 1, "novel_views": 20, "reconstruct": 60, "refine": 15 if (s.refine and refiner) else 0.001,
-                            "export": 1})
+    distilling = prior is not None and s.distill.steps > 0
+    plan = progress.stages({"segment": 1, "novel_views": 20, "gaussians": 35, "distill": 30 if distilling else 0.001,
+                            "surface": 15, "refine": 15 if (s.refine and refiner) else 0.001, "export": 1})
     timings: dict[str, float] = {}
     t = time.perf_counter()
     p = plan["segment"]
@@ -118,24 +144,43 @@ def image_to_3d(image: np.ndarray, generator: NovelViewGenerator, settings: Gene
     plan["novel_views"].update(1.0, f"{len(novel)} views", contact_sheet(novel_rgba))
     timings["novel_views"] = time.perf_counter() - t
 
-    views = rig_views(reference, novel_rgba, poses, s.reference_elevation)
+    rig = rig_views(reference, novel_rgba, poses, s.reference_elevation, view_weights(poses, s.novel_weight, s.away_weight))
+    views = rig
     rs = s.reconstruct
     rs.resolution = s.resolution
     rs.train.hull_consistency = min(rs.train.hull_consistency, 0.75)  # generated views disagree a little
     rs.mesh.hull_consistency = min(rs.mesh.hull_consistency, 0.75)
+    if rs.resolution and max(views.width, views.height) != rs.resolution:
+        views = views.resized(rs.resolution)
     t = time.perf_counter()
-    rec = reconstruct(views, rs, device, plan["reconstruct"])
-    timings["reconstruct"] = time.perf_counter() - t
-    timings.update({f"reconstruct.{k}": v for k, v in rec.timings.items()})
+    trained = train_gaussians(views, rs.train, device, plan["gaussians"])
+    g = trained.gaussians
+    timings["gaussians"] = time.perf_counter() - t
+    extra: dict = {"iterations": trained.iterations}
+    if distilling:
+        t = time.perf_counter()
+        ds = s.distill
+        ds.updates = s.view_updates
+        guidances = list(prior(reference, s.reference_elevation))
+        d = distill_gaussians(g, views, guidances, ds, device, plan["distill"])
+        g, views = d.gaussians, d.views
+        timings["distill"] = time.perf_counter() - t
+        extra.update({"distill_steps": ds.steps, "view_updates": d.report.updates, "prior": [x.name for x in guidances],
+                      "view_disagreement": [d.report.initial_disagreement, d.report.view_disagreement]})
+    t = time.perf_counter()
+    rec = gaussians_to_textured_mesh(g, views, rs, device, plan["surface"], photos={0: rig.images[0]})
+    timings["surface"] = time.perf_counter() - t
+    timings.update({f"surface.{k}": v for k, v in rec.timings.items()})
     mesh = rec.mesh
     if s.refine and refiner is not None:
         t = time.perf_counter()
-        mesh = refiner(mesh, views, plan["refine"])
+        mesh = refiner(mesh, rig, plan["refine"])  # the reference at full size
         timings["refine"] = time.perf_counter() - t
     mesh, norm = normalize_mesh(mesh)
     plan["export"].update(1.0)
-    stats = {**rec.stats, "segmentation": matte.method, "reference_coverage": matte.coverage, "reframed": framing["reframed"],
-             "views": len(novel), "front": [0.0, -1.0, 0.0], "up": [0.0, 0.0, 1.0], "radius": 1.0}
+    stats = {**rec.stats, **extra, "segmentation": matte.method, "reference_coverage": matte.coverage,
+             "reframed": framing["reframed"], "views": len(novel), "view_weights": [round(float(w), 3) for w in views.weights],
+             "front": [0.0, -1.0, 0.0], "up": [0.0, 0.0, 1.0], "radius": 1.0}
     return GenerateResult(mesh, reference, novel_rgba, norm, timings, stats)
 
 

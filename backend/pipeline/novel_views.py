@@ -26,7 +26,11 @@ from ..common.progress import NULL, Progress
 FOV_DEG = 49.1  # Zero-1-to-3's renders (objaverse): 35 mm lens on a 32 mm sensor
 RADIUS = 2.0  # canonical camera distance of the rig
 SIZE = 256
-FILL = 0.8  # the object's longer side, as a fraction of the frame
+# the object's longer side, as a fraction of the reference's frame. Zero-1-to-3's training renders
+# (objects normalised to a unit cube, radius 1.5-2.2, 49.1 degrees) span 55-73 % of the frame; at 80 %
+# a cube seen from 45 degrees overflows every diagonal view (113 %), and what a view crops no view
+# constrains
+FILL = 0.66
 
 
 Pose = tuple[float, float, float]
@@ -39,18 +43,36 @@ class NovelViewGenerator(Protocol):
         ...
 
 
+TOP_ELEVATION = 60.0  # absolute elevation of the views that see the top
+
+
 def plan_views(n: int, reference_elevation: float = 0.0) -> list[Pose]:
-    """``n`` relative poses around the object on two rings, at absolute elevations
-    20 and -10 degrees (as Zero123++ does), azimuths evenly spaced and the rings
-    interleaved, so every side and the top get seen."""
+    """``n`` relative poses around the object: ``n // 6`` views from above (absolute
+    elevation :data:`TOP_ELEVATION`, spread in azimuth) and the rest on two rings at
+    absolute elevations 20 and -10 degrees (as Zero123++ does), azimuths evenly spaced and
+    the rings interleaved, so every side and the top get seen."""
     if n < 1:
         raise ValueError("at least one novel view is needed")
+    top = n // 6
+    ring = n - top
     poses = []
-    for i in range(n):
-        az = (360.0 * (i + 0.5) / n) % 360.0
+    for i in range(ring):
+        az = (360.0 * (i + 0.5) / ring) % 360.0
         el = 20.0 if i % 2 == 0 else -10.0
         poses.append((el - reference_elevation, az, 0.0))
+    for j in range(top):
+        poses.append((TOP_ELEVATION - reference_elevation, (360.0 * (j + 0.25) / top) % 360.0, 0.0))
     return poses
+
+
+def view_weights(poses: Sequence[Pose], novel: float = 0.7, away: float = 0.3) -> np.ndarray:
+    """Confidence of each generated view, relative to the reference's 1: ``novel`` for a view
+    beside the reference, falling with the azimuth to ``novel * away`` for the one opposite
+    it (what the reference did not show is the model's guess, and every sample guesses
+    differently)."""
+    az = np.radians([p[1] for p in poses])
+    facing = 0.5 * (1.0 + np.cos(az))  # 1 beside the reference, 0 opposite
+    return novel * (away + (1.0 - away) * facing)
 
 
 def absolute_pose(pose: Pose, reference_elevation: float) -> tuple[float, float, float]:

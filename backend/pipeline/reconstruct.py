@@ -11,13 +11,13 @@ import torch
 
 
 from ..common import cameras as cam
-from ..common.dataset import PosedViews
+from ..common.dataset import PosedViews, resize_rgba
 from ..gaussians.init import inside_hull
 from ..gaussians.model import Gaussians
 from ..gaussians.render import renderer_name
 from ..gaussians.train import TrainSettings, train_gaussians
 from ..mesh.bake import BakeSettings, BakeView, bake_texture, sphere_cameras
-from ..mesh.clean import CleanSettings, clean_mesh
+from ..mesh.clean import CleanSettings, clean_mesh, mesh_topology
 from ..mesh.extract import calibrated_surface, centre_density, density_grid, free_space, gaussian_bounds, solid_surface
 from ..mesh.textured import TexturedMesh
 from ..mesh.uv import unwrap
@@ -102,20 +102,36 @@ def gaussians_to_mesh(g: Gaussians, views: PosedViews, settings: MeshSettings, p
 def reconstruct(views: PosedViews, settings: ReconstructSettings | None = None, device: str = "cpu",
                 progress: Progress = NULL) -> ReconstructResult:
     s = settings or ReconstructSettings()
-    timings: dict[str, float] = {}
     if s.resolution and max(views.width, views.height) != s.resolution:
         views = views.resized(s.resolution)
-    plan = progress.stages({"gaussians": 70, "mesh": 8, "uv": 6, "texture": 16})
+    plan = progress.stages({"gaussians": 70, "surface": 30})
 
     t = time.perf_counter()
     trained = train_gaussians(views, s.train, device, plan["gaussians"])
-    g = trained.gaussians
-    timings["gaussians"] = time.perf_counter() - t
+    seconds = time.perf_counter() - t
+    rec = gaussians_to_textured_mesh(trained.gaussians, views, s, device, plan["surface"])
+    rec.timings = {"gaussians": seconds, **rec.timings}
+    rec.stats["iterations"] = trained.iterations
+    return rec
+
+
+def gaussians_to_textured_mesh(g: Gaussians, views: PosedViews, settings: ReconstructSettings | None = None,
+                               device: str = "cpu", progress: Progress = NULL, photos: dict | None = None,
+                               photo_weight: float = 4.0) -> ReconstructResult:
+    """Trained Gaussians -> clean mesh -> UVs -> texture baked from the Gaussians' renders.
+    ``views`` (at the resolution the Gaussians were fitted to) bound the surface (visual
+    hull) and calibrate its iso level. ``photos`` {view index: RGBA}: images baked in place
+    of the Gaussians' render at those views, ``photo_weight`` times as strong (the user's
+    reference: the side it shows keeps its pixels rather than the Gaussians' blur)."""
+    s = settings or ReconstructSettings()
+    timings: dict[str, float] = {}
+    plan = progress.stages({"mesh": 8, "uv": 6, "texture": 16})
 
     t = time.perf_counter()
     p = plan["mesh"]
     v, f, n, level = gaussians_to_mesh(g, views, s.mesh, p)
     timings["mesh"] = time.perf_counter() - t
+    topo = mesh_topology(v, f)
 
     t = time.perf_counter()
     plan["uv"].update(0.0, f"unwrapping {len(f)} faces")
@@ -130,17 +146,25 @@ def reconstruct(views: PosedViews, settings: ReconstructSettings | None = None, 
     rig = [(views.c2w[i], views.intrinsics[i].scaled(*_scaled_size(views, bres))) for i in range(len(views))]
     rig += sphere_cameras(center, dist, fov, bres)
     bake_views = render_views(g, rig)
+    for i, img in (photos or {}).items():
+        k = bake_views[i].intr
+        if img.shape[:2] != (k.height, k.width):
+            img = resize_rgba(img, k.width, k.height)
+        bake_views[i] = BakeView(bake_views[i].c2w, k, np.asarray(img, np.float32), photo_weight)
     tex, covered = bake_texture(uvv, uf, uv, uvn, bake_views, s.bake, plan["texture"])
     timings["texture"] = time.perf_counter() - t
     mesh = TexturedMesh(uvv, uf, uv, tex, uvn, name=s.name)
     stats = {
         "views": len(views),
         "view_size": [views.width, views.height],
-        "iterations": trained.iterations,
         "gaussians": len(g),
         "vertices": int(len(uvv)),
         "faces": int(len(uf)),
         "iso_level": level,
+        "watertight": topo["watertight"],
+        "boundary_edges": topo["boundary_edges"],
+        "non_manifold_edges": topo["non_manifold_edges"],
+        "components": topo["components"],
         "texture_size": int(tex.shape[0]),
         "texture_coverage": float(covered.mean()),
         "bounds": [v.min(0).tolist(), v.max(0).tolist()],

@@ -427,7 +427,7 @@ def _refine_texture(mesh: TexturedMesh, guidances: Sequence[Guidance], settings:
                     continue
                 report.prior_views[g.name] += len(idx)
                 sub = imgs[idx] if len(idx) < len(views) else imgs
-                loss = loss + s.prior_weight * g.weight * _guidance_loss(g, sub, [views[i] for i in idx], frac, s, gen)
+                loss = loss + s.prior_weight * g.weight * guidance_loss(g, sub, [views[i] for i in idx], frac, s, gen)
         if ref is not None and s.reference_weight > 0:
             rgba, rv = ref
             out = render_textured(V, Fc, UV, tex, rv.c2w, rv.intr, s.supersample, background=None)
@@ -451,31 +451,47 @@ def _refine_texture(mesh: TexturedMesh, guidances: Sequence[Guidance], settings:
     return new, report
 
 
-def _guidance_loss(g: Guidance, imgs: torch.Tensor, views: Sequence[View], frac: float, s: RefineSettings,
-                   gen: torch.Generator) -> torch.Tensor:
+@torch.no_grad()
+def sdedit_images(g: Guidance, imgs: torch.Tensor, views: Sequence[View], t_frac: float, steps: int,
+                  gen: torch.Generator) -> torch.Tensor:
+    """SDEdit through a guidance: noise ``imgs`` [B,3,H,W] (in [0,1]) to ``t_frac`` of the
+    schedule, denoise with ``steps`` DDIM steps (classifier-free guided where the guidance has
+    an unconditional branch) and decode. Returns images at the input's size."""
+    ac = g.alphas_cumprod
+    b = imgs.shape[0]
+    t0 = int(min(max(t_frac, 0.0), 1.0) * (len(ac) - 1))
+    x0 = g.encode(imgs)
+    noise = torch.randn(x0.shape, generator=gen).to(x0)
+    ab = ac.to(x0)[t0]
+    x = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+    ts = np.linspace(t0, 0, max(1, steps) + 1).round().astype(int)
+    for cur, nxt in zip(ts[:-1], ts[1:]):
+        tc = torch.full((b,), int(cur), dtype=torch.long)
+        c, u = g.eps(x, tc, views)
+        e = c if u is None else u + g.guidance_scale * (c - u)
+        a_c = ac.to(x)[int(cur)]
+        x0_hat = (x - (1 - a_c).sqrt() * e) / a_c.sqrt()
+        if nxt > 0:
+            a_n = ac.to(x)[int(nxt)]
+            x = a_n.sqrt() * x0_hat + (1 - a_n).sqrt() * e
+        else:
+            x = x0_hat
+    out = g.decode(x).to(imgs)
+    return F.interpolate(out, imgs.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def guidance_loss(g: Guidance, imgs: torch.Tensor, views: Sequence[View], frac: float, s, gen: torch.Generator) -> torch.Tensor:
+    """The prior's loss on renders ``imgs`` [B,3,H,W] at ``views``, ``frac`` of the way through
+    the schedule. ``s`` names the rule and schedule: ``update``, ``t_range``, ``t_final_max``,
+    ``sdedit_t``, ``sdedit_steps`` (:class:`RefineSettings`, or the Gaussians' distillation
+    settings)."""
     ac = g.alphas_cumprod
     n_t = len(ac)
     b = imgs.shape[0]
     if s.update == "sdedit":
         lo, hi = s.sdedit_t
         t_val = hi - (hi - lo) * frac
-        t = torch.full((b,), int(t_val * (n_t - 1)), dtype=torch.long)
-        with torch.no_grad():  # the target is a constant: no activations kept for the encoder
-            x0 = g.encode(imgs)
-            noise = torch.randn(x0.shape, generator=gen).to(x0)
-            ab = ac.to(x0)[t].reshape(-1, 1, 1, 1)
-            x = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-            ts = np.linspace(int(t[0]), 0, s.sdedit_steps + 1).round().astype(int)
-            for cur, nxt in zip(ts[:-1], ts[1:]):
-                tc = torch.full((b,), int(cur), dtype=torch.long)
-                c, u = g.eps(x, tc, views)
-                e = c if u is None else u + g.guidance_scale * (c - u)
-                a_c = ac.to(x)[int(cur)]
-                a_n = ac.to(x)[int(nxt)] if nxt > 0 else torch.ones((), device=x.device)
-                x0_hat = (x - (1 - a_c).sqrt() * e) / a_c.sqrt()
-                x = a_n.sqrt() * x0_hat + (1 - a_n).sqrt() * e if nxt > 0 else x0_hat
-            target = g.decode(x).to(imgs)
-            target = F.interpolate(target, imgs.shape[-2:], mode="bilinear", align_corners=False)
+        target = sdedit_images(g, imgs.detach(), views, t_val, s.sdedit_steps, gen)  # a constant: no activations kept
         return F.mse_loss(imgs, target)
     x0 = g.encode(imgs)
     lo, hi = s.t_range

@@ -1,0 +1,163 @@
+"""Image-to-3D quality, the way a user meets it: one reference image, novel views from a
+generator, the product's settings, and the truth to compare with.
+
+    python bench/image_to_3d.py [--objects suzanne mug cube] [--views perfect degraded]
+                                [--quality standard] [--test 8] [--resolution 128] [--seed 0]
+
+For each object (suzanne: concavities and a photographic texture; mug: a thin handle and
+a hollow; cube: flat faces and sharp edges, a photograph on each) and each kind of novel
+view:
+
+* ``perfect``: :class:`evaluation.oracle.OracleViews`, the true object rendered by Blender
+  where Zero-1-to-3's camera vector points;
+* ``degraded``: :class:`evaluation.oracle.DegradedOracleViews`, the same with
+  Zero-1-to-3-like faults drawn per view (pose jitter and elevation bias, scale drift,
+  blur, colour drift, a differently hallucinated unseen side);
+
+``image_to_3d`` runs on the oracle's reference image (refinement off: its priors need
+real weights), the mesh is put back in the truth's frame, and the script prints held-out
+PSNR (textured mesh vs Blender truth over the union of masks, on white), mask IoU,
+Chamfer and F-score at 1 % of the truth's diagonal, the reference view's own PSNR, wall
+time and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from backend.common import cameras as cam  # noqa: E402
+from backend.common import device as dev  # noqa: E402
+from backend.common.dataset import load_transforms  # noqa: E402
+from backend.common.metrics import chamfer_fscore, composite_white, mask_iou, psnr_union  # noqa: E402
+from backend.mesh.textured import render_mesh_rgba  # noqa: E402
+from backend.pipeline.generate import QUALITY, GenerateSettings, image_to_3d  # noqa: E402
+from backend.pipeline.novel_views import RADIUS, contact_sheet  # noqa: E402
+from bench.reconstruct import PeakRSS  # noqa: E402
+from evaluation.groundtruth import run_groundtruth  # noqa: E402
+from evaluation.oracle import DegradedOracleViews, OracleViews, ViewFaults, framing_radius, oracle_prior  # noqa: E402
+
+
+def settings_for(quality: str, device: str) -> GenerateSettings:
+    """The settings the ``image_to_3d`` job uses at ``quality`` (refinement off)."""
+    from backend.kinds.generate import settings_from_params
+
+    params = {"quality": quality, "seed": 0, "views": 0, "view_steps": 0, "view_guidance": 3.0, "iterations": 0,
+              "faces": 20000, "texture_size": 0, "reference_elevation": 0.0, "refine": False, "refine_steps": 0,
+              "prior": True, "distill_steps": 0, "view_updates": -1}
+    return settings_from_params(params, device)
+
+
+def run_one(obj: str, kind: str, args, work: Path, device: str) -> dict:
+    data = work / obj
+    if not (data / "gt_mesh.npz").is_file():
+        run_groundtruth(["--object", obj, "--out", str(data), "--train", "1", "--test", str(args.test),
+                         "--resolution", str(args.resolution), "--seed", str(args.seed)])
+    test = load_transforms(data / "transforms_test.json")
+    gt = np.load(data / "gt_mesh.npz")
+    center = gt["center"]
+    radius = framing_radius(gt["vertices"], center)
+    cls = DegradedOracleViews if kind == "degraded" else OracleViews
+    oracle = cls(obj, center, radius, **({"seed": args.seed} if kind == "degraded" else {}))
+    reference = oracle.reference(0.0)
+    s = settings_for(args.quality, device)
+    # the prior knows the truth; for degraded views it samples like Zero-1-to-3 (faults on every call)
+    prior = None
+    if args.prior == "oracle":
+        prior = oracle_prior(gt, radius, ViewFaults() if kind == "degraded" else None, args.seed + 1)
+    if args.distill_steps is not None:
+        s.distill.steps = args.distill_steps
+    if args.view_updates is not None:
+        s.view_updates = args.view_updates
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    with PeakRSS() as mem:
+        res = image_to_3d(reference, oracle, s, device, prior=prior)
+    wall = time.perf_counter() - t0
+    n = res.normalization
+    rig = res.mesh.vertices / n["scale"] + np.asarray(n["center"])
+    mesh = res.mesh.copy(vertices=rig * (radius / RADIUS) + center)  # the truth's frame
+    psnrs, ious, pairs = [], [], []
+    for i in range(len(test)):
+        m = render_mesh_rgba(mesh, test.c2w[i], test.intrinsics[i], supersample=4)
+        psnrs.append(psnr_union(m, test.images[i]))
+        ious.append(mask_iou(m[..., 3], test.images[i][..., 3]))
+        pairs += [test.images[i], m]
+    if args.renders:
+        # held-out views, truth above and ours below, then the generated views as the pipeline saw them
+        out_dir = Path(args.renders)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cols = len(test)
+        grid = [pairs[0::2], pairs[1::2]]
+        sheet = np.concatenate([np.concatenate([composite_white(x) for x in row], 1) for row in grid], 0)
+        Image.fromarray((np.clip(sheet, 0, 1) * 255 + 0.5).astype(np.uint8)).save(out_dir / f"{obj}_{kind}_heldout.png")
+        (out_dir / f"{obj}_{kind}_views.png").write_bytes(contact_sheet(res.views, cols=min(cols, 8), size=96))
+    k = cam.Intrinsics.from_fov(math.radians(oracle.fov_deg), reference.shape[1], reference.shape[0])
+    ref_psnr = psnr_union(render_mesh_rgba(mesh, oracle.reference_c2w(0.0), k, supersample=4), reference)
+    geo = chamfer_fscore(mesh.vertices, mesh.faces, gt["vertices"], gt["faces"])
+    out = {"object": obj, "views": kind, "prior": args.prior, "quality": args.quality, "psnr": float(np.mean(psnrs)),
+           "mask_iou": float(np.mean(ious)), "chamfer": geo["chamfer"], "fscore": geo["fscore"],
+           "reference_psnr": ref_psnr, "seconds": wall, "peak_rss_gb": mem.peak / 1e9, "timings": res.timings,
+           "novel_views": int(len(res.views)),
+           **{k: res.stats.get(k) for k in ("watertight", "boundary_edges", "non_manifold_edges", "components", "faces",
+                                            "view_disagreement", "view_updates")}}
+    if device.startswith("cuda"):
+        out["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--objects", nargs="+", default=["suzanne", "mug", "cube"])
+    ap.add_argument("--views", nargs="+", default=["perfect", "degraded"], choices=["perfect", "degraded"])
+    ap.add_argument("--quality", default="standard", choices=list(QUALITY))
+    ap.add_argument("--test", type=int, default=8, help="held-out views per object")
+    ap.add_argument("--resolution", type=int, default=128, help="held-out view size")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prior", default="oracle", choices=["oracle", "none"],
+                    help="score distillation's guidance: the oracle denoiser (with faults for degraded views) or none")
+    ap.add_argument("--distill-steps", type=int, default=None, help="override the quality's distillation steps")
+    ap.add_argument("--view-updates", type=int, default=None, help="override the quality's view updates")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--json", default=None, help="also write the figures here")
+    ap.add_argument("--keep", default=None, help="keep the ground truth in this folder")
+    ap.add_argument("--renders", default=None, help="write held-out renders (truth above, ours below) and the views here")
+    args = ap.parse_args()
+    device = dev.pick_device(args.device)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.keep) if args.keep else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        for obj in args.objects:
+            for kind in args.views:
+                r = run_one(obj, kind, args, work, device)
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+    info = dev.device_info(device)
+    what = info.get("gpu_name") or f"{info['cpu_count']} CPU cores"
+    print(f"\ndevice {device} ({what}), quality {args.quality}, {args.test} held-out views at {args.resolution} px")
+    print(f"{'object':8} {'views':9} {'prior':6} {'PSNR':>6} {'IoU':>6} {'chamfer':>8} {'F@1%':>6} {'refPSNR':>8} "
+          f"{'time s':>7} {'peakGB':>7} {'watertight':>10}")
+    for r in rows:
+        print(f"{r['object']:8} {r['views']:9} {r['prior']:6} {r['psnr']:6.2f} {r['mask_iou']:6.3f} {r['chamfer']:8.4f} "
+              f"{r['fscore']:6.3f} {r['reference_psnr']:8.2f} {r['seconds']:7.1f} {r['peak_rss_gb']:7.2f} "
+              f"{str(r['watertight']):>10}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
