@@ -166,7 +166,7 @@ def main() -> None:
         print(f"loaded in {time.perf_counter() - t0:.1f} s ({store.describe()['dtype']} on {device})", flush=True)
         params = {"quality": args.quality}
         if args.quick:
-            params.update(views=2, view_steps=1, iterations=20, refine_steps=1, texture_size=256, faces=2000)
+            params.update(views=2, view_steps=1, iterations=20, distill_steps=5, refine_steps=1, texture_size=256, faces=2000)
         text_params = dict(params, prompt="a chair", **({"steps": 1} if args.quick else {}))
         if args.offload_refinement:
             import functools
@@ -183,8 +183,8 @@ def main() -> None:
         stages = {k: v for k, v in r["stages"].items() if "." not in k}
         print(f"{r['kind']:12} total {r['total']:7.1f} s  " + "  ".join(f"{k} {v:.1f}" for k, v in stages.items())
               + (f"  peak GPU {r['peak_gpu_gb']:.1f} GiB" if "peak_gpu_gb" in r else ""))
-        sub = {k.split(".", 1)[1]: v for k, v in r["stages"].items() if k.startswith("reconstruct.")}
-        print(f"{'':12} reconstruct: " + "  ".join(f"{k} {v:.1f}" for k, v in sub.items()) + f"  (renderer {r['renderer']})")
+        sub = {k.split(".", 1)[1]: v for k, v in r["stages"].items() if k.startswith("surface.")}
+        print(f"{'':12} surface: " + "  ".join(f"{k} {v:.1f}" for k, v in sub.items()) + f"  (renderer {r['renderer']})")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 generator, the product's settings, and the truth to compare with.
 
     python bench/image_to_3d.py [--objects suzanne mug cube] [--views perfect degraded]
-                                [--quality standard] [--test 8] [--resolution 128] [--seed 0]
+                                [--quality standard] [--prior oracle|none] [--test 8]
+                                [--resolution 128] [--seed 0] [--renders DIR] [--json FILE]
 
 For each object (suzanne: concavities and a photographic texture; mug: a thin handle and
 a hollow; cube: flat faces and sharp edges, a photograph on each) and each kind of novel
@@ -14,11 +15,17 @@ view:
   Zero-1-to-3-like faults drawn per view (pose jitter and elevation bias, scale drift,
   blur, colour drift, a differently hallucinated unseen side);
 
+Score distillation's prior is the oracle denoiser on the true object
+(:func:`evaluation.oracle.oracle_prior`); for degraded views it samples like Zero-1-to-3
+too, with the same kind of faults drawn on every call, so it is right on average but never
+exactly (``--prior none``: the Gaussians are fitted to the views alone).
+
 ``image_to_3d`` runs on the oracle's reference image (refinement off: its priors need
 real weights), the mesh is put back in the truth's frame, and the script prints held-out
 PSNR (textured mesh vs Blender truth over the union of masks, on white), mask IoU,
 Chamfer and F-score at 1 % of the truth's diagonal, the reference view's own PSNR, wall
-time and peak memory.
+time, peak memory and whether the mesh is watertight (``--renders``: held-out renders,
+truth above and ours below, and the generated views, as PNGs to look at).
 """
 
 from __future__ import annotations

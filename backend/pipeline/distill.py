@@ -51,7 +51,7 @@ from .sds import Guidance, View, guidance_loss, sdedit_images
 @dataclass
 class DistillSettings:
     steps: int = 200  # 0: no distillation
-    render_size: int = 0  # the prior's renders (0: 128 on CPU, 256 on CUDA)
+    render_size: int = 0  # the prior's renders (0: 96 on CPU, 256 on CUDA; the guidance resizes to its own)
     views_per_step: int = 1  # random cameras shown to the prior per step
     reference_weight: float = 1.0
     views_weight: float = 0.5  # colour of the generated views, times each one's confidence
@@ -130,10 +130,14 @@ def _render(params: dict, viewmats: torch.Tensor, Ks: torch.Tensor, W: int, H: i
 
 
 @torch.no_grad()
-def disagreement(g: Gaussians, views: PosedViews, idx: Sequence[int]) -> float:
+def disagreement(g: Gaussians, views: PosedViews, idx: Sequence[int], max_views: int = 6) -> float:
     """Mean absolute RGB difference between the views and the Gaussians' renders at their
-    poses, over the union of both masks, on white."""
+    poses, over the union of both masks, on white (at most ``max_views`` of them, evenly
+    picked: it is a report, and renders cost)."""
     errs = []
+    idx = list(idx)
+    if len(idx) > max_views:
+        idx = [idx[int(j)] for j in np.linspace(0, len(idx) - 1, max_views).round()]
     for i in idx:
         col, al, _ = g.render(views.c2w[i:i + 1], views.intrinsics[i], background=(1.0, 1.0, 1.0))
         img = torch.as_tensor(views.images[i], dtype=torch.float32)
@@ -165,7 +169,7 @@ def _distill(gaussians: Gaussians, views: PosedViews, guidances: list, s: Distil
     t0 = time.perf_counter()
     rng = np.random.default_rng(s.seed)
     gen = torch.Generator("cpu").manual_seed(s.seed)
-    size = s.render_size or (256 if dev.type == "cuda" else 128)
+    size = s.render_size or (256 if dev.type == "cuda" else 96)
     center, dist, fov = _object_rig(views)
     radius = dist * math.tan(math.radians(fov) / 2)  # the frame's half width at the object: its scale
     generated = list(range(1, len(views)))
