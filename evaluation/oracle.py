@@ -283,7 +283,7 @@ def apply_faults(rgba: np.ndarray, f: dict, azimuth: float, unseen: float) -> np
     return np.concatenate([np.clip(rgb, 0, 1), np.clip(a, 0, 1)[..., None]], -1).astype(np.float32)
 
 
-class RigTruth:
+class RigTruth(MeshTruth):
     """True renders for the oracle denoiser at cameras given in the generation rig's frame
     (object at the origin, the reference at distance ``RADIUS``): the truth's frame is the
     rig's scaled by ``scale`` and moved to ``center``. ``faults`` makes it a sampler like
@@ -294,17 +294,11 @@ class RigTruth:
 
     def __init__(self, mesh, center, scale: float, faults: "ViewFaults | None" = None, seed: int = 0,
                  supersample: int = 2):
-        import torch
-
-        self.V = torch.as_tensor(mesh.vertices, dtype=torch.float32)
-        self.F = torch.as_tensor(mesh.faces)
-        self.UV = torch.as_tensor(mesh.uv, dtype=torch.float32)
-        self.T = torch.as_tensor(mesh.texture, dtype=torch.float32)
+        super().__init__(mesh, supersample)
         self.center = np.asarray(center, np.float64)
         self.scale = float(scale)
         self.faults = faults
         self.rng = np.random.default_rng(seed)
-        self.supersample = supersample
 
     def __call__(self, views):
         import torch

@@ -45,7 +45,7 @@ from ..gaussians.init import axes_convergence
 from ..gaussians.model import Gaussians
 from ..gaussians.render import rasterize
 from ..gaussians.train import photometric_loss
-from .sds import Guidance, View, guidance_loss, sdedit_images
+from .sds import Guidance, priors_loss, sample_view, sdedit_images, view_of
 
 
 @dataclass
@@ -107,19 +107,6 @@ def _object_rig(views: PosedViews) -> tuple[np.ndarray, float, float]:
     center = axes_convergence(views.c2w) if len(views) > 1 else np.zeros(3)
     dist = float(np.linalg.norm(views.c2w[0, :3, 3] - center))
     return center, dist, math.degrees(views.intrinsics[0].fov_x)
-
-
-def random_view(rng: np.random.Generator, center: np.ndarray, dist: float, fov_deg: float,
-                elevation_range: Sequence[float], size: int) -> View:
-    el = float(rng.uniform(*elevation_range))
-    az = float(rng.uniform(0.0, 360.0))
-    intr = cam.Intrinsics.from_fov(math.radians(fov_deg), size, size)
-    return View(cam.spherical_to_c2w(el, az, dist, center), intr, el, az, dist)
-
-
-def pose_view(c2w: np.ndarray, center: np.ndarray, fov_deg: float, size: int, index: int) -> View:
-    el, az, r = cam.c2w_to_spherical(c2w, center)
-    return View(np.asarray(c2w, np.float64), cam.Intrinsics.from_fov(math.radians(fov_deg), size, size), el, az, r, index)
 
 
 def _render(params: dict, viewmats: torch.Tensor, Ks: torch.Tensor, W: int, H: int, bg: torch.Tensor):
@@ -216,19 +203,12 @@ def _distill(gaussians: Gaussians, views: PosedViews, guidances: list, s: Distil
             loss = loss + s.views_weight * float(weights[idx[1]]) * view_loss + s.views_mask_weight * mask_loss
         prior_loss = torch.zeros((), device=dev)
         if guidances and s.prior_weight > 0 and s.views_per_step > 0:
-            pv = [random_view(rng, center, dist, fov, s.elevation_range, size) for _ in range(s.views_per_step)]
+            pv = [sample_view(rng, center, dist, fov, s, size) for _ in range(s.views_per_step)]
             if prior_K is None:
                 prior_K = torch.as_tensor(pv[0].intr.K(), dtype=torch.float32, device=dev)[None]
             vm = torch.as_tensor(cam.c2w_to_viewmat(np.stack([v.c2w for v in pv])), dtype=torch.float32, device=dev)
             pc, _ = _render(params, vm, prior_K.expand(len(pv), -1, -1), size, size, white.expand(len(pv), -1))
-            imgs = pc.permute(0, 3, 1, 2)
-            for g in guidances:
-                keep = [i for i, v in enumerate(pv) if g.accepts(v)]
-                if not keep:
-                    continue
-                report.prior_views[g.name] += len(keep)
-                sub = imgs[keep] if len(keep) < len(pv) else imgs
-                prior_loss = prior_loss + g.weight * guidance_loss(g, sub, [pv[i] for i in keep], frac, s, gen)
+            prior_loss = priors_loss(guidances, pc.permute(0, 3, 1, 2), pv, frac, s, gen, report.prior_views)
             loss = loss + s.prior_weight * prior_loss
         loss.backward()
         for opt in optimizers.values():
@@ -259,7 +239,8 @@ def _update_views(params: dict, views: PosedViews, images: torch.Tensor, generat
     ``guidance``, and take the results (alpha from the render) as the new targets."""
     from .segment import foreground
 
-    pv = [pose_view(views.c2w[i], center, fov, size, i) for i in generated]
+    k = cam.Intrinsics.from_fov(math.radians(fov), size, size)
+    pv = [view_of(views.c2w[i], k, center, i) for i in generated]
     vm = torch.as_tensor(cam.c2w_to_viewmat(np.stack([v.c2w for v in pv])), dtype=torch.float32, device=dev)
     K = torch.as_tensor(pv[0].intr.K(), dtype=torch.float32, device=dev)[None].expand(len(pv), -1, -1)
     white = torch.ones(len(pv), 3, device=dev)

@@ -421,13 +421,7 @@ def _refine_texture(mesh: TexturedMesh, guidances: Sequence[Guidance], settings:
         if views:
             imgs = torch.stack([render_textured(V, Fc, UV, tex, v.c2w, v.intr, s.supersample, background=bg)
                                 for v in views]).permute(0, 3, 1, 2)
-            for g in guidances:
-                idx = [i for i, v in enumerate(views) if g.accepts(v)]
-                if not idx:
-                    continue
-                report.prior_views[g.name] += len(idx)
-                sub = imgs[idx] if len(idx) < len(views) else imgs
-                loss = loss + s.prior_weight * g.weight * guidance_loss(g, sub, [views[i] for i in idx], frac, s, gen)
+            loss = loss + s.prior_weight * priors_loss(guidances, imgs, views, frac, s, gen, report.prior_views)
         if ref is not None and s.reference_weight > 0:
             rgba, rv = ref
             out = render_textured(V, Fc, UV, tex, rv.c2w, rv.intr, s.supersample, background=None)
@@ -478,6 +472,21 @@ def sdedit_images(g: Guidance, imgs: torch.Tensor, views: Sequence[View], t_frac
             x = x0_hat
     out = g.decode(x).to(imgs)
     return F.interpolate(out, imgs.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def priors_loss(guidances: Sequence[Guidance], imgs: torch.Tensor, views: Sequence[View], frac: float, s,
+                gen: torch.Generator, shown: dict) -> torch.Tensor:
+    """Sum over ``guidances`` of ``weight * guidance_loss`` on the renders each one accepts;
+    ``shown[name]`` counts the views each was shown."""
+    loss = torch.zeros((), device=imgs.device)
+    for g in guidances:
+        idx = [i for i, v in enumerate(views) if g.accepts(v)]
+        if not idx:
+            continue
+        shown[g.name] = shown.get(g.name, 0) + len(idx)
+        sub = imgs[idx] if len(idx) < len(views) else imgs
+        loss = loss + g.weight * guidance_loss(g, sub, [views[i] for i in idx], frac, s, gen)
+    return loss
 
 
 def guidance_loss(g: Guidance, imgs: torch.Tensor, views: Sequence[View], frac: float, s, gen: torch.Generator) -> torch.Tensor:
