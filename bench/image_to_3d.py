@@ -115,11 +115,16 @@ def run_one(obj: str, kind: str, args, work: Path, device: str) -> dict:
     k = cam.Intrinsics.from_fov(math.radians(oracle.fov_deg), reference.shape[1], reference.shape[0])
     ref_psnr = psnr_union(render_mesh_rgba(mesh, oracle.reference_c2w(0.0), k, supersample=4), reference)
     geo = chamfer_fscore(mesh.vertices, mesh.faces, gt["vertices"], gt["faces"])
+    if args.meshes:
+        Path(args.meshes).mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(Path(args.meshes) / f"{obj}_{kind}.npz", vertices=mesh.vertices, faces=mesh.faces,
+                            uv=mesh.uv, texture=mesh.texture)
     out = {"object": obj, "views": kind, "prior": args.prior, "quality": args.quality, "psnr": float(np.mean(psnrs)),
            "mask_iou": float(np.mean(ious)), "chamfer": geo["chamfer"], "fscore": geo["fscore"],
+           "precision": geo["precision"], "recall": geo["recall"],
            "reference_psnr": ref_psnr, "seconds": wall, "peak_rss_gb": mem.peak / 1e9, "timings": res.timings,
            "novel_views": int(len(res.views)),
-           **{k: res.stats.get(k) for k in ("watertight", "boundary_edges", "non_manifold_edges", "components", "faces",
+           **{k: res.stats.get(k) for k in ("watertight", "boundary_edges", "non_manifold_edges", "components", "genus", "faces",
                                             "view_disagreement", "view_updates")}}
     if device.startswith("cuda"):
         out["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
@@ -142,6 +147,7 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the figures here")
     ap.add_argument("--keep", default=None, help="keep the ground truth in this folder")
     ap.add_argument("--renders", default=None, help="write held-out renders (truth above, ours below) and the views here")
+    ap.add_argument("--meshes", default=None, help="save each mesh, in the truth's frame, here (.npz)")
     args = ap.parse_args()
     device = dev.pick_device(args.device)
     rows = []
@@ -157,11 +163,11 @@ def main() -> None:
     what = info.get("gpu_name") or f"{info['cpu_count']} CPU cores"
     print(f"\ndevice {device} ({what}), quality {args.quality}, {args.test} held-out views at {args.resolution} px")
     print(f"{'object':8} {'views':9} {'prior':6} {'PSNR':>6} {'IoU':>6} {'chamfer':>8} {'F@1%':>6} {'refPSNR':>8} "
-          f"{'time s':>7} {'peakGB':>7} {'watertight':>10}")
+          f"{'time s':>7} {'peakGB':>7} {'watertight':>10} {'genus':>5}")
     for r in rows:
         print(f"{r['object']:8} {r['views']:9} {r['prior']:6} {r['psnr']:6.2f} {r['mask_iou']:6.3f} {r['chamfer']:8.4f} "
               f"{r['fscore']:6.3f} {r['reference_psnr']:8.2f} {r['seconds']:7.1f} {r['peak_rss_gb']:7.2f} "
-              f"{str(r['watertight']):>10}")
+              f"{str(r['watertight']):>10} {str(r['genus']):>5}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -98,6 +98,9 @@ def test_mesh_topology_finds_holes_and_bad_edges():
     assert bad["non_manifold_edges"] == 1 and not bad["watertight"]
     two = mesh_topology(np.concatenate([v, v + 3]), np.concatenate([f, f + len(v)]))
     assert two["components"] == 2 and two["watertight"]
+    assert t["genus"] == 0 and two["genus"] == 0 and holed["genus"] is None
+    torus = trimesh.creation.torus(1.0, 0.3)
+    assert mesh_topology(np.asarray(torus.vertices), np.asarray(torus.faces))["genus"] == 1
 
 
 def test_view_plan_sees_the_top_and_trusts_the_reference_side_most():
@@ -214,6 +217,9 @@ def test_image_to_3d_of_a_closed_object_is_watertight_and_keeps_the_reference(bo
     res = image_to_3d(reference, oracle, s, prior=prior)
     st = res.stats
     assert st["watertight"] and st["components"] == 1, st
+    # at these settings (48 px, 40 steps) the Gaussians' shell still has gaps: measured genus 61
+    # (107 when one view's depth could carve); bench/image_to_3d.py's suzanne at `standard`: 1
+    assert st["genus"] <= 85, st
     assert st["view_updates"] == 1 and st["prior"] == ["oracle"]
     # back in the rig's frame (the box is framed there as the reference shows it)
     n = res.normalization

@@ -91,14 +91,17 @@ def main_components(vertices: np.ndarray, faces: np.ndarray, min_fraction: float
 def mesh_topology(vertices: np.ndarray, faces: np.ndarray) -> dict:
     """Edge-based topology of a triangle mesh: ``boundary_edges`` (used by one face: holes),
     ``non_manifold_edges`` (used by more than two), ``flipped_edges`` (two faces that traverse
-    an edge the same way: inconsistent winding), ``components`` (connected by edges) and
-    ``watertight`` (none of the first three)."""
+    an edge the same way: inconsistent winding), ``components`` (connected by edges),
+    ``watertight`` (none of the first three) and, for a watertight mesh, ``genus`` (handles
+    and tunnels summed over the components, from the Euler characteristic: 0 for a closed
+    object without through-holes; ``None`` otherwise)."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
     f = np.asarray(faces, np.int64)
     if len(f) == 0:
-        return {"boundary_edges": 0, "non_manifold_edges": 0, "flipped_edges": 0, "components": 0, "watertight": False}
+        return {"boundary_edges": 0, "non_manifold_edges": 0, "flipped_edges": 0, "components": 0, "watertight": False,
+                "genus": None}
     directed = np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]])
     und = np.sort(directed, 1)
     _, inv, counts = np.unique(und, axis=0, return_inverse=True, return_counts=True)
@@ -110,6 +113,8 @@ def mesh_topology(vertices: np.ndarray, faces: np.ndarray) -> dict:
     out = {"boundary_edges": int((counts == 1).sum()), "non_manifold_edges": int((counts > 2).sum()),
            "flipped_edges": int((dcounts > 1).sum()), "components": int(len(np.unique(label[np.unique(f)])))}
     out["watertight"] = out["boundary_edges"] == 0 and out["non_manifold_edges"] == 0 and out["flipped_edges"] == 0
+    euler = len(np.unique(f)) - len(counts) + len(f)
+    out["genus"] = int((2 * out["components"] - euler) // 2) if out["watertight"] else None
     return out
 
 

@@ -18,7 +18,7 @@ from ..gaussians.render import renderer_name
 from ..gaussians.train import TrainSettings, train_gaussians
 from ..mesh.bake import BakeSettings, BakeView, bake_texture, sphere_cameras
 from ..mesh.clean import CleanSettings, clean_mesh, mesh_topology
-from ..mesh.extract import calibrated_surface, centre_density, density_grid, free_space, gaussian_bounds, solid_surface
+from ..mesh.extract import calibrated_surface, centre_density, close_solid, density_grid, free_space, gaussian_bounds, solid_surface
 from ..mesh.textured import TexturedMesh
 from ..mesh.uv import unwrap
 from ..common.progress import NULL, Progress
@@ -30,6 +30,8 @@ class MeshSettings:
     level: float = 0.0  # iso level of the density (0: calibrated on the views' silhouettes)
     carve_views: int = 26  # extra views around the object used to find free space
     hull_consistency: float = 0.9  # a voxel outside the masks of more than 10 % of the views is empty
+    depth_votes: int = 4  # a voxel in front of the rendered depth in this many views is empty
+    close_voxels: int = 2  # free channels into the solid narrower than about twice this are filled
     clean: CleanSettings = field(default_factory=CleanSettings)
 
 
@@ -80,14 +82,14 @@ def gaussians_to_mesh(g: Gaussians, views: PosedViews, settings: MeshSettings, p
     rig = [(views.c2w[i], views.intrinsics[i]) for i in range(len(views))]
     if settings.carve_views:
         rig += sphere_cameras(center, dist, fov, res)[: settings.carve_views]
-    free = free_space(grid, g, rig)
+    free = free_space(grid, g, rig, depth_votes=settings.depth_votes)
     # the surface cannot leave the views' visual hull: floaters outside it are not object
     dims = grid.values.shape
     ii, jj, kk = np.meshgrid(*[np.arange(d) for d in dims], indexing="ij")
     hull = inside_hull(grid.world(np.stack([ii, jj, kk], -1).reshape(-1, 3)).astype(np.float32), views,
                        settings.hull_consistency, dilate=2).reshape(dims)
     grid.values[~hull] = 0.0
-    free |= ~hull
+    free = close_solid(free, settings.close_voxels) | ~hull
     progress.update(0.5, "free space")
     if settings.level > 0:
         v, f = solid_surface(grid, free, settings.level)
@@ -165,6 +167,7 @@ def gaussians_to_textured_mesh(g: Gaussians, views: PosedViews, settings: Recons
         "boundary_edges": topo["boundary_edges"],
         "non_manifold_edges": topo["non_manifold_edges"],
         "components": topo["components"],
+        "genus": topo["genus"],
         "texture_size": int(tex.shape[0]),
         "texture_coverage": float(covered.mean()),
         "bounds": [v.min(0).tolist(), v.max(0).tolist()],
