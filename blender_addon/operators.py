@@ -193,7 +193,7 @@ class GEN3D_OT_generate_from_text(_JobOperator, bpy.types.Operator):
             return {"CANCELLED"}
         job.params = dict(generation_params(s), prompt=prompt)
         place = scene_io.placement(context, "gen3d_" + scene_io.slug(prompt),
-                                   {"kind": job.kind, "prompt": prompt, "seed": int(s.seed), "quality": s.quality})
+                                   {"kind": job.kind, "prompt": prompt, **generation_params(s)}, s.height)
         job.apply = _apply_generated(place, job.label)
         return submit_job(self, job, conn)
 
@@ -227,7 +227,7 @@ class GEN3D_OT_image_to_3d(_JobOperator, bpy.types.Operator):
         job.params = params
         job.attachments = [P.Attachment("image", "image/png", png)]
         place = scene_io.placement(context, "gen3d_" + scene_io.slug(bpy.path.display_name(image.name)),
-                                   {"kind": job.kind, "image": image.name, "seed": int(s.seed), "quality": s.quality})
+                                   {"kind": job.kind, "image": image.name, **params}, s.height)
         job.apply = _apply_generated(place, job.label)
         job.message = f"Reference: {source}"
         return submit_job(self, job, conn)

@@ -29,6 +29,10 @@ class GEN3D_SceneSettings(bpy.types.PropertyGroup):
                        description="Number of triangles of the generated mesh, at most")
     texture_size: EnumProperty(name="Texture Size", items=TEXTURE_ITEMS, default="1024",
                                description="Size of the generated texture")
+    height: FloatProperty(
+        name="Height", default=1.0, min=0.0, soft_max=10.0, subtype="DISTANCE", unit="LENGTH",
+        description=("Height of the generated object in the scene; it stands on the 3D cursor with its origin at "
+                     "the bottom centre (0: keep the backend's size, a unit sphere around the cursor)"))
     refine: BoolProperty(name="Refine Texture", default=True,
                          description="Finish generated objects with texture refinement (slower, sharper)")
     image: PointerProperty(name="Reference Image", type=bpy.types.Image,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import bpy
 import numpy as np
-from mathutils import Matrix
+from mathutils import Matrix, Vector
 
 from . import glb
 from .png import encode_png, float_to_uint8, linear_to_srgb
@@ -271,6 +271,7 @@ class Placement:
     angle: float  # rotation about Z (radians) that turns the object's front (-Y) toward the camera
     base_name: str
     info: dict
+    height: float = 0.0  # the object's height in scene units, standing on the location (0: as the GLB has it)
 
 
 def facing_angle(cursor, camera_location) -> float:
@@ -284,14 +285,52 @@ def facing_angle(cursor, camera_location) -> float:
     return math.atan2(dx, -dy)  # R(a) @ (0, -1) = (sin a, -cos a) = (dx, dy) / |.|
 
 
-def placement(context, base_name: str, info: dict) -> Placement:
+def placement(context, base_name: str, info: dict, height: float = 0.0) -> Placement:
     scene = context.scene
     cursor = tuple(scene.cursor.location)
     cam = scene.camera
     angle = facing_angle(cursor, tuple(cam.matrix_world.translation) if cam is not None else None)
     coll = context.view_layer.active_layer_collection.collection
     coll_name = None if coll == scene.collection else coll.name
-    return Placement(scene.name, context.view_layer.name, coll_name, cursor, angle, base_name, info)
+    return Placement(scene.name, context.view_layer.name, coll_name, cursor, angle, base_name, info, float(height))
+
+
+def _world_bounds(objects) -> tuple[tuple, tuple] | None:
+    """Min and max corner of the mesh objects' vertices in world space (None: no vertices)."""
+    import numpy as np
+
+    lo, hi = None, None
+    for o in objects:
+        n = len(o.data.vertices)
+        if n == 0:
+            continue
+        co = np.empty(n * 3, np.float64)
+        o.data.vertices.foreach_get("co", co)
+        m = np.array(o.matrix_world, np.float64)
+        w = co.reshape(-1, 3) @ m[:3, :3].T + m[:3, 3]
+        lo = w.min(0) if lo is None else np.minimum(lo, w.min(0))
+        hi = w.max(0) if hi is None else np.maximum(hi, w.max(0))
+    return None if lo is None else (tuple(lo), tuple(hi))
+
+
+def base_frame(bounds, height: float) -> Matrix:
+    """The transform that puts an object with these world ``bounds`` on the origin: the
+    bottom centre of its box at (0, 0, 0) and, for ``height`` > 0, scaled uniformly to
+    that height (0, or a flat object: centred only, size kept)."""
+    lo, hi = bounds
+    extent = hi[2] - lo[2]
+    s = height / extent if height > 0 and extent > 1e-9 else 1.0
+    bottom = Vector((0.5 * (lo[0] + hi[0]), 0.5 * (lo[1] + hi[1]), lo[2]))
+    return Matrix.Scale(s, 4) @ Matrix.Translation(-bottom)
+
+
+def _custom_properties(obj, info: dict) -> None:
+    """The job's settings on the object: all of them as JSON in ``gen3d``, the plain ones
+    also one by one (``gen3d_seed``, ``gen3d_prompt``, ...) for the N panel and drivers."""
+    obj["gen3d"] = json.dumps(info)
+    for k, v in info.items():
+        if isinstance(v, (bool, int, float, str)):
+            obj[f"gen3d_{k}"] = int(v) if isinstance(v, bool) else v
 
 
 def slug(text: str, default: str = "gen3d") -> str:
@@ -379,13 +418,24 @@ def import_generated(ev, place: Placement, tmpdir: str) -> tuple[str, list[str]]
     new_set = set(o.as_pointer() for o in new)
     roots = [o for o in new if o.parent is None or o.parent.as_pointer() not in new_set]
     view_layer.update()
-    place_m = Matrix.Translation(place.location) @ Matrix.Rotation(place.angle, 4, "Z")
-    for o in roots:
-        o.matrix_world = place_m @ o.matrix_world
     meshes = [o for o in new if o.type == "MESH"]
+    place_m = Matrix.Translation(place.location) @ Matrix.Rotation(place.angle, 4, "Z")
+    bounds = _world_bounds(meshes) if place.height > 0 else None
+    base = base_frame(bounds, place.height) if bounds is not None else Matrix.Identity(4)
+    for o in roots:
+        if o.type == "MESH" and not o.children and o.data.users == 1:
+            # the pivot at the base: the importer's transform and the sizing go into the mesh,
+            # the object keeps scale 1 and only turns about Z
+            o.data.transform(base @ o.matrix_world)
+            o.data.update()
+            o.matrix_world = place_m
+        else:
+            o.matrix_world = place_m @ base @ o.matrix_world
+    if place.height > 0:
+        place.info["height"] = place.height
     for i, o in enumerate(roots):
         o.name = place.base_name if len(roots) == 1 else f"{place.base_name}.{i:03d}"
-        o["gen3d"] = json.dumps(place.info)
+        _custom_properties(o, place.info)
     ordered = meshes + [o for o in new if o.type != "MESH"]
     _select_only(view_layer, ordered)
     n_faces = sum(len(o.data.polygons) for o in meshes)

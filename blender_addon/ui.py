@@ -139,6 +139,7 @@ def _draw_generation_settings(layout, s, idname: str) -> None:
         body.use_property_split = True
         body.use_property_decorate = False
         body.prop(s, "quality")
+        body.prop(s, "height")
         body.prop(s, "faces")
         body.prop(s, "texture_size")
         body.prop(s, "refine")

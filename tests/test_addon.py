@@ -205,6 +205,7 @@ scene.cursor.location = (1.0, 2.0, 0.5)
 s = scene.gen3d
 s.extra_params = ARGS.get("extra", "")
 s.prompt = "a red wooden chair"; s.seed = 3; s.quality = "draft"; s.faces = 5000; s.texture_size = "512"
+s.height = 1.7
 before = set(object_names())
 bpy.ops.ed.undo_push(message="before")
 t0 = time.time()
@@ -226,7 +227,8 @@ emit(result=sorted(res), seconds=seconds, new=[o.name for o in new], types=[o.ty
      base_color_linked=bool(bsdf.inputs["Base Color"].links),
      image_size=list(imgs[0].size) if imgs else None,
      info=json.loads(obj.get("gen3d", "{}")), outcome=mgr.outcome.state, message=mgr.outcome.message,
-     token=p.client_token, **undo_redo(before))
+     token=p.client_token, seed_property=obj.get("gen3d_seed"), height_property=obj.get("gen3d_height"),
+     **undo_redo(before))
 '''
 
 
@@ -250,9 +252,14 @@ def test_generate_from_text_adds_a_textured_object_at_the_cursor_facing_the_came
     front = m[:3, :3] @ np.array([0.0, -1.0, 0.0])
     to_cam = (cam - cur)[:2] / np.linalg.norm((cam - cur)[:2])
     np.testing.assert_allclose(front[:2], to_cam, atol=1e-5)
+    # size and pivot: it stands on the cursor, centred on it, as tall as the panel's Height
     world = np.array(d["world"])
-    radius = np.linalg.norm(world - cur, axis=1)
-    assert radius.max() <= 1.0 + 1e-3 and radius.max() > 0.5  # fits the unit sphere around the cursor
+    lo, hi = world.min(0), world.max(0)
+    assert abs(lo[2] - cur[2]) < 1e-4, (lo, cur)
+    assert abs((hi[2] - lo[2]) - 1.7) < 0.017, (lo, hi)
+    local = (world - cur) @ m[:3, :3]  # in the object's own frame (turned toward the camera): centred on its origin
+    np.testing.assert_allclose(0.5 * (local.min(0) + local.max(0))[:2], 0.0, atol=1e-4)
+    assert d["seed_property"] == 3 and abs(d["height_property"] - 1.7) < 1e-6
     assert d["info"]["prompt"] == "a red wooden chair" and d["info"]["job"]
     assert d["undo_restores"] and d["redo_restores"], "one undo step must remove the whole result"
     # the job belongs to the token the add-on made and keeps in its preferences, and to no one else
@@ -262,11 +269,12 @@ def test_generate_from_text_adds_a_textured_object_at_the_cursor_facing_the_came
         stranger.status(d["info"]["job"])
     assert info.value.code == "unknown_job"
     if stub:
-        np.testing.assert_allclose(radius, 1.0, atol=1e-4)
-        # the stand-in's icosphere, rotated and moved: every vertex where it should be
+        # the stand-in's icosphere, stood on its base, sized, rotated and moved: every vertex where it should be
         verts, _ = icosphere(2)
+        bottom = np.array([*(0.5 * (verts.min(0) + verts.max(0)))[:2], verts[:, 2].min()])
+        scale = 1.7 / np.ptp(verts[:, 2])
         R = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
-        want = verts @ R.T + cur
+        want = ((verts - bottom) * scale) @ R.T + cur
         dist = np.linalg.norm(world[:, None, :] - want[None, :, :], axis=2).min(axis=1)
         assert dist.max() < 1e-4
         meta = d["info"]["metadata"]
