@@ -88,6 +88,8 @@ def run_one(obj: str, kind: str, args, work: Path, device: str) -> dict:
         s.distill.steps = args.distill_steps
     if args.view_updates is not None:
         s.view_updates = args.view_updates
+    if args.prior_elevations is not None:
+        s.distill.elevation_range = tuple(args.prior_elevations)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -143,6 +145,8 @@ def main() -> None:
                     help="score distillation's guidance: the oracle denoiser (with faults for degraded views) or none")
     ap.add_argument("--distill-steps", type=int, default=None, help="override the quality's distillation steps")
     ap.add_argument("--view-updates", type=int, default=None, help="override the quality's view updates")
+    ap.add_argument("--prior-elevations", type=float, nargs=2, default=None,
+                    help="override the elevation range (degrees) of the prior's random cameras")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default=None, help="also write the figures here")
     ap.add_argument("--keep", default=None, help="keep the ground truth in this folder")

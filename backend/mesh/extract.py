@@ -113,7 +113,7 @@ def marching_cubes(grid: Grid, level: float, fill: bool = True) -> tuple[np.ndar
 
 @torch.no_grad()
 def free_space(grid: Grid, g: Gaussians, cameras: list, margin_voxels: float = 0.5,
-               alpha_threshold: float = 0.5, depth_votes: int = 4, reach_voxels: int = 1) -> np.ndarray:
+               alpha_threshold: float = 0.5, depth_votes: int = 1, reach_voxels: int = 1) -> np.ndarray:
     """Voxels the Gaussians' renders show to be empty: in some view they project
     where the render is transparent, or, in at least ``depth_votes`` views, they lie in
     front of the rendered depth by more than ``margin_voxels``. ``cameras`` is a list
@@ -124,7 +124,11 @@ def free_space(grid: Grid, g: Gaussians, cameras: list, margin_voxels: float = 0
     Single-view carving riddled the meshes of distilled Gaussians with such tunnels
     (genus 356 on a cube, 73 on suzanne); the gaps a ray finds differ from view to
     view, while a voxel truly in front of the surface is in front of it in most views
-    that see it."""
+    that see it. With ``depth_votes`` > 1, one view is still enough within
+    ``reach_voxels`` of space already known to be free (the skin of the surface).
+    Dense reconstruction from measured views keeps one vote: there the few views that
+    look into a cavity must be able to carve it (a mug's Chamfer 0.0122 with one vote,
+    0.0147 with four)."""
     from ..common import cameras as cam
 
     dims = grid.values.shape

@@ -149,6 +149,9 @@ def image_to_3d(image: np.ndarray, generator: NovelViewGenerator, settings: Gene
     rs.resolution = s.resolution
     rs.train.hull_consistency = min(rs.train.hull_consistency, 0.75)  # generated views disagree a little
     rs.mesh.hull_consistency = min(rs.mesh.hull_consistency, 0.75)
+    # distilled Gaussians leave gaps in their shell; one view's depth through a gap would tunnel into the solid
+    rs.mesh.depth_votes = max(rs.mesh.depth_votes, 4)
+    rs.mesh.close_voxels = max(rs.mesh.close_voxels, 2)
     if rs.resolution and max(views.width, views.height) != rs.resolution:
         views = views.resized(rs.resolution)
     t = time.perf_counter()

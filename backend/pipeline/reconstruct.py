@@ -30,8 +30,8 @@ class MeshSettings:
     level: float = 0.0  # iso level of the density (0: calibrated on the views' silhouettes)
     carve_views: int = 26  # extra views around the object used to find free space
     hull_consistency: float = 0.9  # a voxel outside the masks of more than 10 % of the views is empty
-    depth_votes: int = 4  # a voxel in front of the rendered depth in this many views is empty
-    close_voxels: int = 2  # free channels into the solid narrower than about twice this are filled
+    depth_votes: int = 1  # a voxel in front of the rendered depth in this many views is empty
+    close_voxels: int = 0  # free channels into the solid narrower than about twice this are filled
     clean: CleanSettings = field(default_factory=CleanSettings)
 
 
