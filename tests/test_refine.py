@@ -177,6 +177,27 @@ def test_refine_job_keeps_geometry_bit_for_bit(tiny_models):
     assert np.abs(read_glb(out.attachments[0].data)[0].texture - a.texture).max() < 0.01
 
 
+def test_a_large_mesh_without_uvs_is_refused_up_front(monkeypatch):
+    """Unwrapping grows faster than the face count (327k faces: over 6 minutes on 2 cores):
+    above the limit the job says what to do instead of unwrapping for minutes."""
+    import time
+
+    from backend.pipeline import refine
+
+    glb = _mesh_glb(with_uv=False)
+    n = len(read_glb(glb)[0].indices)
+    monkeypatch.setattr(refine, "MAX_UNWRAP_FACES", n - 1)
+    t = time.perf_counter()
+    with pytest.raises(InputError, match="no UV map.*Smart UV Project"):
+        refine.mesh_from_glb(glb)
+    assert time.perf_counter() - t < 5.0
+    monkeypatch.setattr(refine, "MAX_UNWRAP_FACES", n)
+    assert refine.mesh_from_glb(glb)[1] == "xatlas"
+    # with UVs of its own, the face count does not matter: nothing is unwrapped
+    monkeypatch.setattr(refine, "MAX_UNWRAP_FACES", 10)
+    assert refine.mesh_from_glb(_mesh_glb())[1] == "input"
+
+
 def test_refine_job_unwraps_a_mesh_without_uvs(tiny_models):
     glb = _mesh_glb(with_uv=False)
     a = read_glb(glb)[0]
