@@ -297,8 +297,6 @@ def placement(context, base_name: str, info: dict, height: float = 0.0) -> Place
 
 def _world_bounds(objects) -> tuple[tuple, tuple] | None:
     """Min and max corner of the mesh objects' vertices in world space (None: no vertices)."""
-    import numpy as np
-
     lo, hi = None, None
     for o in objects:
         n = len(o.data.vertices)

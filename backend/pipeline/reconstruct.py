@@ -18,7 +18,8 @@ from ..gaussians.render import renderer_name
 from ..gaussians.train import TrainSettings, train_gaussians
 from ..mesh.bake import BakeSettings, BakeView, bake_texture, sphere_cameras
 from ..mesh.clean import CleanSettings, clean_mesh, mesh_topology
-from ..mesh.extract import calibrated_surface, centre_density, close_solid, density_grid, free_space, gaussian_bounds, solid_surface
+from ..mesh.extract import (calibrated_surface, centre_density, close_solid, density_grid, free_space, gaussian_bounds,
+                            solid_surface)
 from ..mesh.textured import TexturedMesh
 from ..mesh.uv import unwrap
 from ..common.progress import NULL, Progress
