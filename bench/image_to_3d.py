@@ -127,6 +127,7 @@ def run_one(obj: str, kind: str, args, work: Path, device: str) -> dict:
            "reference_psnr": ref_psnr, "seconds": wall, "peak_rss_gb": mem.peak / 1e9, "timings": res.timings,
            "novel_views": int(len(res.views)),
            **{k: res.stats.get(k) for k in ("watertight", "boundary_edges", "non_manifold_edges", "components", "genus", "faces",
+                                            "atlas_use", "texture_coverage",
                                             "view_disagreement", "view_updates")}}
     if device.startswith("cuda"):
         out["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9

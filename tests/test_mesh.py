@@ -334,3 +334,13 @@ def test_clean_on_a_worker_thread_does_not_corrupt_the_heap(tmp_path):
     r = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert int(r.stdout.strip()) <= 500
+
+
+def test_atlas_use_counts_the_texels_inside_the_islands():
+    from backend.pipeline.reconstruct import atlas_use
+
+    uv = np.array([[0, 0], [1, 0], [0, 1], [1, 1]], np.float32)
+    assert abs(atlas_use(uv, np.array([[0, 1, 2]]), 64) - 0.5) < 0.02  # half the square
+    assert atlas_use(uv, np.array([[0, 1, 2], [1, 3, 2]]), 64) > 0.99  # all of it
+    m_uv = uv * 0.5  # a quarter of the texture
+    assert abs(atlas_use(m_uv, np.array([[0, 1, 2], [1, 3, 2]]), 64) - 0.25) < 0.02

@@ -170,12 +170,21 @@ def gaussians_to_textured_mesh(g: Gaussians, views: PosedViews, settings: Recons
         "components": topo["components"],
         "genus": topo["genus"],
         "texture_size": int(tex.shape[0]),
-        "texture_coverage": float(covered.mean()),
+        "texture_coverage": float(covered.mean()),  # texels some view saw
+        "atlas_use": atlas_use(uv, uf, int(tex.shape[0])),  # texels inside UV islands
         "bounds": [v.min(0).tolist(), v.max(0).tolist()],
         "device": str(device),
         "renderer": renderer_name(device),
     }
     return ReconstructResult(mesh, g, timings, stats)
+
+
+def atlas_use(uv: np.ndarray, faces: np.ndarray, size: int) -> float:
+    """Fraction of a ``size`` x ``size`` texture's texels that lie inside the UV islands."""
+    from ..mesh.raster import rasterize_uv
+
+    r = rasterize_uv(torch.as_tensor(uv, dtype=torch.float32), torch.as_tensor(faces, dtype=torch.long), size)
+    return float(r.mask.float().mean())
 
 
 def _scaled_size(views: PosedViews, long_side: int) -> tuple[int, int]:
