@@ -311,7 +311,7 @@ def test_gaps_in_the_shell_do_not_tunnel_into_the_solid():
     one_view = inside_fraction(free_space(grid, g, rig, depth_votes=1))
     voted = inside_fraction(close_solid(free_space(grid, g, rig, depth_votes=4), 2))
     assert one_view > 0.2  # measured 0.42: the failure this guards against
-    assert voted < 0.02  # measured 0.002
+    assert voted < 0.02  # measured 0.009
 
 
 def test_clean_on_a_worker_thread_does_not_corrupt_the_heap(tmp_path):
