@@ -247,8 +247,12 @@ def _sphere_gaussians(n=3000, radius=0.5, seed=0):
     d /= np.linalg.norm(d, axis=1, keepdims=True)
     d[d[:, 2] < -0.999] = [0, 0, 1]
     inner = d[: n // 3]
-    pts = np.concatenate([d * radius, inner * radius * 0.6])
-    normals = np.concatenate([d, inner])
+    return _tangent_gaussians(np.concatenate([d * radius, inner * radius * 0.6]), np.concatenate([d, inner]))
+
+
+def _tangent_gaussians(pts, normals):
+    """Flat, fairly opaque Gaussians at ``pts``, each lying in the plane of its unit normal
+    (``normals`` must not point exactly along -Z)."""
     # quaternion (w, x, y, z) turning +Z onto the normal
     q = np.stack([1 + normals[:, 2], -normals[:, 1], normals[:, 0], np.zeros(len(normals))], 1)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
@@ -292,14 +296,11 @@ def test_gaps_in_the_shell_do_not_tunnel_into_the_solid():
     rng = np.random.default_rng(0)
     d = rng.normal(size=(3000, 3))
     d /= np.linalg.norm(d, axis=1, keepdims=True)
+    d[d[:, 2] < -0.999] = [0, 0, 1]
     gaps = rng.normal(size=(40, 3))
     gaps /= np.linalg.norm(gaps, axis=1, keepdims=True)
     d = d[(d @ gaps.T).max(1) < math.cos(math.radians(7))]  # 40 round gaps, 13 % of the shell
-    q = np.stack([1 + d[:, 2], -d[:, 1], d[:, 0], np.zeros(len(d))], 1)
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
-    g = Gaussians.create(torch.tensor(d * 0.5, dtype=torch.float32), torch.full((len(d), 3), 0.5), 0.03, opacity=0.9)
-    g.params["quats"] = torch.tensor(q, dtype=torch.float32)
-    g.params["scales"] = torch.log(torch.tensor([[0.03, 0.03, 0.004]])).expand(len(d), 3).clone()
+    g = _tangent_gaussians(d * 0.5, d)
     grid = density_grid(g, 64)
     rig = [(cam.spherical_to_c2w(el, az, 2.5), cam.Intrinsics.from_fov(math.radians(40), 64, 64))
            for el in (-40, 0, 40) for az in range(0, 360, 30)]
@@ -311,7 +312,7 @@ def test_gaps_in_the_shell_do_not_tunnel_into_the_solid():
     one_view = inside_fraction(free_space(grid, g, rig, depth_votes=1))
     voted = inside_fraction(close_solid(free_space(grid, g, rig, depth_votes=4), 2))
     assert one_view > 0.2  # measured 0.42: the failure this guards against
-    assert voted < 0.02  # measured 0.009
+    assert voted < 0.02  # measured 0.008
 
 
 def test_clean_on_a_worker_thread_does_not_corrupt_the_heap(tmp_path):

@@ -160,9 +160,15 @@ def free_space(grid: Grid, g: Gaussians, cameras: list, margin_voxels: float = 0
         # one view's word is enough next to space known to be free: the skin of the surface
         from scipy import ndimage
 
-        st = ndimage.iterate_structure(ndimage.generate_binary_structure(3, 1), int(reach_voxels))
-        sure |= (votes > 0) & ndimage.binary_dilation(sure, st)
+        sure |= (votes > 0) & ndimage.binary_dilation(sure, _ball(reach_voxels))
     return sure
+
+
+def _ball(radius: int) -> np.ndarray:
+    """A 3D structuring element: the voxels within ``radius`` steps along the axes (an octahedron)."""
+    from scipy import ndimage
+
+    return ndimage.iterate_structure(ndimage.generate_binary_structure(3, 1), int(radius))
 
 
 def close_solid(free: np.ndarray, radius: int) -> np.ndarray:
@@ -176,8 +182,7 @@ def close_solid(free: np.ndarray, radius: int) -> np.ndarray:
 
     r = int(radius)
     solid = np.pad(~free, r + 1, constant_values=False)  # outside the grid is free
-    st = ndimage.iterate_structure(ndimage.generate_binary_structure(3, 1), r)
-    solid = ndimage.binary_closing(solid, st)[r + 1:-r - 1, r + 1:-r - 1, r + 1:-r - 1]
+    solid = ndimage.binary_closing(solid, _ball(r))[r + 1:-r - 1, r + 1:-r - 1, r + 1:-r - 1]
     return ~solid
 
 
