@@ -88,6 +88,8 @@ def run_one(obj: str, kind: str, args, work: Path, device: str) -> dict:
         s.distill.steps = args.distill_steps
     if args.view_updates is not None:
         s.view_updates = args.view_updates
+    if args.iterations is not None:
+        s.reconstruct.train.iterations = args.iterations
     if args.prior_elevations is not None:
         s.distill.elevation_range = tuple(args.prior_elevations)
     if device.startswith("cuda"):
@@ -145,6 +147,7 @@ def main() -> None:
     ap.add_argument("--prior", default="oracle", choices=["oracle", "none"],
                     help="score distillation's guidance: the oracle denoiser (with faults for degraded views) or none")
     ap.add_argument("--distill-steps", type=int, default=None, help="override the quality's distillation steps")
+    ap.add_argument("--iterations", type=int, default=None, help="override the quality's Gaussian training steps")
     ap.add_argument("--view-updates", type=int, default=None, help="override the quality's view updates")
     ap.add_argument("--prior-elevations", type=float, nargs=2, default=None,
                     help="override the elevation range (degrees) of the prior's random cameras")
@@ -168,11 +171,12 @@ def main() -> None:
     what = info.get("gpu_name") or f"{info['cpu_count']} CPU cores"
     print(f"\ndevice {device} ({what}), quality {args.quality}, {args.test} held-out views at {args.resolution} px")
     print(f"{'object':8} {'views':9} {'prior':6} {'PSNR':>6} {'IoU':>6} {'chamfer':>8} {'F@1%':>6} {'refPSNR':>8} "
-          f"{'time s':>7} {'peakGB':>7} {'watertight':>10} {'genus':>5}")
+          f"{'time s':>7} {'peakGB':>7} {'watertight':>10} {'genus':>5} {'atlas':>5} {'nmap s':>6}")
     for r in rows:
         print(f"{r['object']:8} {r['views']:9} {r['prior']:6} {r['psnr']:6.2f} {r['mask_iou']:6.3f} {r['chamfer']:8.4f} "
               f"{r['fscore']:6.3f} {r['reference_psnr']:8.2f} {r['seconds']:7.1f} {r['peak_rss_gb']:7.2f} "
-              f"{str(r['watertight']):>10} {str(r['genus']):>5}")
+              f"{str(r['watertight']):>10} {str(r['genus']):>5} {r['atlas_use'] or 0:5.2f} "
+              f"{r['timings'].get('surface.normal_map', 0.0):6.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -304,3 +304,22 @@ def test_gradients_match_gsplat():
         rel = ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
         print(f"grad {name}: cosine {cos:.5f}, relative difference {rel:.2e}")
         assert cos > 0.99, name
+
+
+def test_a_binding_view_vetoes_the_hull_outside_its_mask_and_frame():
+    """The user's reference is right where generated views are not: a point outside its
+    mask, or outside its frame, is not inside the hull, whatever the other views say."""
+    from backend.common.dataset import PosedViews
+    from backend.gaussians.init import inside_hull
+
+    k = cam.Intrinsics.from_fov(math.radians(40.0), 32, 32)
+    c2w = np.stack([cam.spherical_to_c2w(0.0, az, 3.0) for az in (0.0, 90.0, 180.0)])
+    images = np.ones((3, 32, 32, 4), np.float32)
+    images[0, ..., 3] = 0.0
+    images[0, 8:24, 8:24, 3] = 1.0  # the reference's mask: the middle of its frame
+    views = PosedViews(images, c2w, [k] * 3)
+    pts = np.array([[0.0, 0.0, 0.0],  # inside every mask
+                    [0.0, 0.0, 0.8],  # above the reference's mask, inside the others'
+                    [0.0, -2.5, 0.9]], np.float32)  # in front of the reference, outside its frame
+    np.testing.assert_array_equal(inside_hull(pts, views, 0.6, dilate=0), [True, True, True])
+    np.testing.assert_array_equal(inside_hull(pts, views, 0.6, dilate=0, binding=(0,)), [True, False, False])

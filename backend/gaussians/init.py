@@ -65,14 +65,18 @@ def estimate_bounds(views: PosedViews, alpha_threshold: float = 0.5) -> Bounds:
 
 
 def inside_hull(points: np.ndarray, views: PosedViews, consistency: float = 0.9, alpha_threshold: float = 0.5,
-                dilate: int = 1) -> np.ndarray:
+                dilate: int = 1, binding: tuple[int, ...] = ()) -> np.ndarray:
     """Visual-hull test of world points: inside when they project into the
-    (slightly dilated) mask in at least ``consistency`` of the views that see them."""
+    (slightly dilated) mask in at least ``consistency`` of the views that see them,
+    and into the mask of every view in ``binding`` (views known to be right and to frame
+    the whole object, such as the user's own reference among generated ones: a point
+    outside their frame is outside the object too)."""
     from scipy.ndimage import binary_dilation
 
     inside = np.zeros(len(points), np.int32)
     seen = np.zeros(len(points), np.int32)
-    for img, M, k in zip(views.images, views.c2w, views.intrinsics):
+    vetoed = np.zeros(len(points), bool)
+    for i, (img, M, k) in enumerate(zip(views.images, views.c2w, views.intrinsics)):
         mask = img[..., 3] > alpha_threshold
         if dilate:
             mask = binary_dilation(mask, iterations=dilate)
@@ -84,7 +88,9 @@ def inside_hull(points: np.ndarray, views: PosedViews, consistency: float = 0.9,
         hit = np.zeros(len(points), bool)
         hit[ok] = mask[y[ok], x[ok]]
         inside += hit
-    return (seen > 0) & (inside >= np.ceil(consistency * seen))
+        if i in binding:
+            vetoed |= ~hit
+    return (seen > 0) & (inside >= np.ceil(consistency * seen)) & ~vetoed
 
 
 def carve(views: PosedViews, bounds: Bounds, resolution: int = 64, consistency: float = 0.9,
