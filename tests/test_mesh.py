@@ -345,3 +345,15 @@ def test_atlas_use_counts_the_texels_inside_the_islands():
     assert atlas_use(uv, np.array([[0, 1, 2], [1, 3, 2]]), 64) > 0.99  # all of it
     m_uv = uv * 0.5  # a quarter of the texture
     assert abs(atlas_use(m_uv, np.array([[0, 1, 2], [1, 3, 2]]), 64) - 0.25) < 0.02
+
+
+def test_misoriented_faces_are_the_ones_against_their_neighbours():
+    from backend.mesh.clean import _misoriented_faces
+    from tests.addon_helpers import icosphere
+
+    v, f = icosphere(1)
+    assert not _misoriented_faces(f).any()
+    g = f.copy()
+    g[5] = g[5, ::-1]  # one face turned over: it and its three neighbours share an edge direction
+    bad = _misoriented_faces(g)
+    assert bad[5] and bad.sum() == 4

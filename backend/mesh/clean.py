@@ -88,6 +88,15 @@ def main_components(vertices: np.ndarray, faces: np.ndarray, min_fraction: float
     return keep[face_label]
 
 
+def _misoriented_faces(faces: np.ndarray) -> np.ndarray:
+    """Mask of the faces on an edge that two faces traverse the same way."""
+    f = np.asarray(faces, np.int64)
+    directed = np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]])
+    _, inv, counts = np.unique(directed, axis=0, return_inverse=True, return_counts=True)
+    dup = counts[inv.reshape(-1)] > 1
+    return dup.reshape(3, len(f)).any(0)
+
+
 def mesh_topology(vertices: np.ndarray, faces: np.ndarray) -> dict:
     """Edge-based topology of a triangle mesh: ``boundary_edges`` (used by one face: holes),
     ``non_manifold_edges`` (used by more than two), ``flipped_edges`` (two faces that traverse
@@ -152,10 +161,33 @@ def _clean(vertices: np.ndarray, faces: np.ndarray, s: CleanSettings) -> tuple[n
     ms.meshing_repair_non_manifold_edges()
     ms.meshing_repair_non_manifold_vertices()
     ms.meshing_remove_unreferenced_vertices()
+    if s.max_hole_edges > 0:
+        try:  # the repairs remove faces: close the few small holes they leave (4 edges on a mug once)
+            ms.meshing_close_holes(maxholesize=s.max_hole_edges, newfaceselected=False, selfintersection=False)
+        except pymeshlab.PyMeshLabException:
+            pass
     try:
         ms.meshing_re_orient_faces_coherently()
     except pymeshlab.PyMeshLabException:
         pass  # still non-manifold somewhere: keep the marching-cubes orientation (outward already)
+    for _ in range(3):
+        # faces that no orientation agrees with (where sheets of the iso-surface touched and
+        # the repairs cut and re-closed them): cut them out, close the holes, orient again
+        m = ms.current_mesh()
+        bad = _misoriented_faces(m.face_matrix())
+        if not bad.any() or s.max_hole_edges <= 0:
+            break
+        fm = m.face_matrix()
+        ring = np.isin(fm, np.unique(fm[bad])).any(1)  # and their neighbours: the hole gets a clean rim
+        ms.add_mesh(pymeshlab.Mesh(vertex_matrix=m.vertex_matrix(), face_matrix=fm[~ring]))
+        ms.meshing_remove_unreferenced_vertices()
+        try:
+            ms.meshing_repair_non_manifold_edges()
+            ms.meshing_repair_non_manifold_vertices()
+            ms.meshing_close_holes(maxholesize=s.max_hole_edges, newfaceselected=False, selfintersection=False)
+            ms.meshing_re_orient_faces_coherently()
+        except pymeshlab.PyMeshLabException:
+            pass
     m = ms.current_mesh()
     v = m.vertex_matrix().astype(np.float64)
     f = m.face_matrix().astype(np.int64)
