@@ -149,6 +149,7 @@ def image_to_3d(image: np.ndarray, generator: NovelViewGenerator, settings: Gene
     rs.resolution = s.resolution
     rs.train.hull_consistency = min(rs.train.hull_consistency, 0.75)  # generated views disagree a little
     rs.mesh.hull_consistency = min(rs.mesh.hull_consistency, 0.75)
+    rs.mesh.hull_binding = (0,)  # but the reference is the user's own image: nothing lies outside its mask
     # distilled Gaussians leave gaps in their shell; one view's depth through a gap would tunnel into the solid
     rs.mesh.depth_votes = max(rs.mesh.depth_votes, 4)
     rs.mesh.close_voxels = max(rs.mesh.close_voxels, 2)
