@@ -138,7 +138,7 @@ def extra_params(s, kind: str) -> dict:
 
 def generation_params(s) -> dict:
     params = {"seed": int(s.seed), "quality": s.quality, "faces": int(s.faces),
-              "texture_size": int(s.texture_size), "refine": bool(s.refine)}
+              "texture_size": int(s.texture_size), "refine": bool(s.refine), "material": s.material}
     if s.negative_prompt.strip():
         params["negative_prompt"] = s.negative_prompt.strip()
     return params

@@ -11,6 +11,11 @@ QUALITY_ITEMS = (
     ("high", "High", "Most steps: slowest, best"),
 )
 TEXTURE_ITEMS = tuple((str(s), f"{s} px", f"Texture of {s} x {s} pixels") for s in (256, 512, 1024, 2048, 4096))
+MATERIAL_ITEMS = (
+    ("pbr", "PBR", "Base colour, a normal map from the detailed surface, metallic and roughness (from the prompt's "
+                   "material words, e.g. 'steel' or 'wooden')"),
+    ("albedo", "Albedo Only", "The base colour alone, on a plain rough dielectric"),
+)
 CAMERA_ITEMS = (
     ("NONE", "None", "Let the backend choose the views"),
     ("ALL", "All Cameras", "Send every perspective camera of the scene"),
@@ -29,6 +34,8 @@ class GEN3D_SceneSettings(bpy.types.PropertyGroup):
                        description="Number of triangles of the generated mesh, at most")
     texture_size: EnumProperty(name="Texture Size", items=TEXTURE_ITEMS, default="1024",
                                description="Size of the generated texture")
+    material: EnumProperty(name="Material", items=MATERIAL_ITEMS, default="pbr",
+                           description="What the generated material holds")
     height: FloatProperty(
         name="Height", default=1.0, min=0.0, soft_max=10.0, subtype="DISTANCE", unit="LENGTH",
         description=("Height of the generated object in the scene; it stands on the 3D cursor with its origin at "

@@ -142,6 +142,7 @@ def _draw_generation_settings(layout, s, idname: str) -> None:
         body.prop(s, "height")
         body.prop(s, "faces")
         body.prop(s, "texture_size")
+        body.prop(s, "material")
         body.prop(s, "refine")
         body.prop(s, "seed")
         body.prop(s, "negative_prompt", text="Negative")

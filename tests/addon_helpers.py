@@ -98,14 +98,17 @@ def _run_stages(ctx, stages, preview_stages=("text_to_image", "novel_views"), se
             pr.update((i + 1) / steps, f"{s} {i + 1}/{steps}", preview_png=preview)
 
 
-def _generated_mesh(seed: int, faces_budget: int):
+def _generated_mesh(seed: int, faces_budget: int, material: str = "pbr"):
     from backend.mesh.gltf import write_glb
     from backend.mesh.textured import TexturedMesh
 
     verts, faces = icosphere(2 if faces_budget >= 320 else 1)
     az = np.arctan2(verts[:, 0], -verts[:, 1])  # 0 at the front (-Y)
     uv = np.stack([(az / (2 * np.pi)) % 1.0 * 0.98 + 0.01, (verts[:, 2] + 1) / 2 * 0.98 + 0.01], -1).astype(np.float32)
-    mesh = TexturedMesh(verts, faces, uv, _texture(seed), normals=verts.copy(), name="gen3d")
+    pbr = material == "pbr"
+    flat = np.broadcast_to(np.float32([0.5, 0.5, 1.0]), (16, 16, 3)).copy() if pbr else None
+    mesh = TexturedMesh(verts, faces, uv, _texture(seed), normals=verts.copy(), name="gen3d", normal_map=flat,
+                        metallic=0.0, roughness=0.8 if pbr else 1.0)
     return write_glb(mesh), len(faces)
 
 
@@ -115,7 +118,7 @@ def _t2i(inputs, ctx):
 
     p = inputs.params
     _run_stages(ctx, GEN_STAGES)
-    data, nf = _generated_mesh(p["seed"], p["faces"])
+    data, nf = _generated_mesh(p["seed"], p["faces"], p["material"])
     meta = {"front": [0, -1, 0], "up": [0, 0, 1], "radius": 1.0, "faces": nf, "prompt": p["prompt"],
             "seed": p["seed"], "quality": p["quality"], "texture_size": p["texture_size"], "refine": p["refine"],
             "stub": True}
@@ -134,7 +137,7 @@ def _i2t(inputs, ctx):
     im.load()
     arr = np.asarray(im)
     _run_stages(ctx, ("segment",) + GEN_STAGES[2:], preview_stages=("segment", "novel_views"))
-    data, nf = _generated_mesh(p["seed"], p["faces"])
+    data, nf = _generated_mesh(p["seed"], p["faces"], p["material"])
     meta = {"front": [0, -1, 0], "up": [0, 0, 1], "radius": 1.0, "faces": nf, "image_size": list(im.size),
             "image_mode": im.mode, "image_mean": [float(x) for x in arr.reshape(-1, arr.shape[-1]).mean(0)],
             "reference_elevation": p["reference_elevation"], "prompt": p["prompt"], "stub": True}
@@ -187,7 +190,8 @@ def stub_specs():
         Param("view_steps", int, 0, min=0), Param("iterations", int, 0, min=0),
         Param("faces", int, 20000, min=100, max=1_000_000), Param("texture_size", int, 1024, min=64, max=8192),
         Param("reference_elevation", float, 0.0, min=-90.0, max=90.0), Param("refine", bool, True),
-        Param("refine_steps", int, 0, min=0),
+        Param("refine_steps", int, 0, min=0), Param("material", str, "pbr", choices=("pbr", "albedo")),
+        Param("metallic", float, -1.0, min=-1.0, max=1.0), Param("roughness", float, -1.0, min=-1.0, max=1.0),
     )
     return [
         JobSpec("text_to_3d", "stand-in: textured icosphere", _t2i, params=(Param("prompt", str, ""),) + gen,

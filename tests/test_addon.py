@@ -225,6 +225,8 @@ emit(result=sorted(res), seconds=seconds, new=[o.name for o in new], types=[o.ty
      cursor=list(scene.cursor.location), camera=list(cam.location),
      material=mat.name if mat else None, images=[i.name for i in imgs], packed=[bool(i.packed_file) for i in imgs],
      base_color_linked=bool(bsdf.inputs["Base Color"].links),
+     normal_map_node=(bsdf.inputs["Normal"].links[0].from_node.type if bsdf.inputs["Normal"].links else None),
+     roughness=bsdf.inputs["Roughness"].default_value, material_setting=s.material,
      image_size=list(imgs[0].size) if imgs else None,
      info=json.loads(obj.get("gen3d", "{}")), outcome=mgr.outcome.state, message=mgr.outcome.message,
      token=p.client_token, seed_property=obj.get("gen3d_seed"), height_property=obj.get("gen3d_height"),
@@ -242,6 +244,13 @@ def test_generate_from_text_adds_a_textured_object_at_the_cursor_facing_the_came
     assert d["active"].startswith("gen3d_a_red_wooden") and d["selected"] == sorted(d["new"])
     assert d["collections"] == ["Collection"]  # the active collection of the default scene
     assert d["material"] and d["images"] and all(d["packed"]) and d["base_color_linked"]
+    # the PBR material (the panel's default): the normal map wired into the Principled BSDF
+    assert d["material_setting"] == "pbr" and d["normal_map_node"] == "NORMAL_MAP"
+    # the prompt's material word sets the roughness (the stand-in backend: always 0.8)
+    expected = 0.8 if stub else 0.7
+    assert abs(d["roughness"] - expected) < 1e-6, d["roughness"]
+    if not stub:
+        assert d["info"]["metadata"]["material"]["from"] == "wooden"
     # placement: at the cursor, rotated about Z so that the front (-Y) points at the camera
     cur, cam = np.array(d["cursor"]), np.array(d["camera"])
     angle = math.atan2(cam[0] - cur[0], -(cam[1] - cur[1]))

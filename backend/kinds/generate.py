@@ -13,6 +13,7 @@ from ..common.dataset import decode_image, encode_png
 from ..common.progress import Progress
 from ..mesh.gltf import write_glb
 from ..pipeline.generate import QUALITY, GenerateResult, GenerateSettings, image_to_3d, text_to_image
+from .material import MATERIAL, apply_material
 from ..pipeline.novel_views import Zero123Views, on_white
 from ..pipeline.sds import Zero123Guidance
 from ..service.jobs import AttachmentSpec, InputError, JobContext, JobInputs, JobOutput, JobSpec, Param
@@ -48,8 +49,11 @@ def settings_from_params(p: dict, device: str) -> GenerateSettings:
     s.reconstruct.train.seed = p["seed"]
     s.reconstruct.mesh.clean.target_faces = p["faces"]
     s.reconstruct.bake.texture_size = pick("texture_size", q["texture_size"])
+    apply_material(s.reconstruct.bake, p)
     s.reconstruct.name = "gen3d"
     return s
+
+
 
 
 COMMON = (
@@ -71,7 +75,7 @@ COMMON = (
     Param("reference_elevation", float, 0.0, "elevation (degrees) of the camera that saw the reference", min=-60.0, max=80.0),
     Param("refine", bool, True, "finish with SDS texture refinement"),
     Param("refine_steps", int, 0, "texture refinement steps (0: by quality)", min=0, max=10000),
-)
+) + MATERIAL
 T2I = (
     Param("prompt", str, "", "what to make"),
     Param("negative_prompt", str, "", "what to avoid"),
@@ -115,7 +119,7 @@ def _generate(inputs: JobInputs, ctx: JobContext, image: np.ndarray, prompt: str
     gen = Zero123Views(models.zero123(), s.view_steps, s.view_guidance, s.seed)
     refiner = _refiner(inputs, ctx, prompt, s) if s.refine else None
     result = image_to_3d(image, gen, s, ctx.device, progress, refiner, zero123_prior(models))
-    return _finish(result, extra)
+    return _finish(result, {**extra, "material": apply_material(s.reconstruct.bake, inputs.params)})
 
 
 def zero123_prior(models, guidance_scale: float = 5.0):

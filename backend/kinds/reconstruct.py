@@ -13,6 +13,7 @@ from ..gaussians.model import save_ply
 from ..mesh.gltf import write_glb
 from ..pipeline.reconstruct import ReconstructSettings, reconstruct
 from ..service.jobs import AttachmentSpec, InputError, JobContext, JobInputs, JobOutput, JobSpec, Param
+from .material import MATERIAL, apply_material
 
 
 def _check_background(v):
@@ -29,6 +30,7 @@ def settings_from_params(p: dict) -> ReconstructSettings:
     s.mesh.clean.target_faces = p["faces"]
     s.bake.texture_size = p["texture_size"]
     s.mesh.grid_resolution = p["grid_resolution"]
+    apply_material(s.bake, p)
     return s
 
 
@@ -38,7 +40,7 @@ COMMON_PARAMS = (
     Param("texture_size", int, 1024, "texture size in pixels", min=64, max=8192),
     Param("seed", int, 0, "random seed", min=0, max=2**31 - 1),
     Param("grid_resolution", int, 128, "density grid resolution for mesh extraction", min=32, max=512),
-)
+) + MATERIAL
 
 
 def _handle(inputs: JobInputs, ctx: JobContext) -> JobOutput:
@@ -53,7 +55,8 @@ def _handle(inputs: JobInputs, ctx: JobContext) -> JobOutput:
         raise InputError(f"transforms.json names {fp!r} but no attachment of that name was sent")
 
     views = views_from_meta(meta, read, background=p["background"], max_pixels=ctx.limits.max_image_pixels)
-    result = reconstruct(views, settings_from_params(p), ctx.device, ctx.progress)
+    settings = settings_from_params(p)
+    result = reconstruct(views, settings, ctx.device, ctx.progress)
     out = [Attachment("model.glb", "model/gltf-binary", write_glb(result.mesh))]
     if p["ply"]:
         import tempfile
@@ -61,7 +64,9 @@ def _handle(inputs: JobInputs, ctx: JobContext) -> JobOutput:
         with tempfile.NamedTemporaryFile(suffix=".ply") as fh:
             save_ply(result.gaussians, fh.name)
             out.append(Attachment("gaussians.ply", "application/octet-stream", Path(fh.name).read_bytes()))
-    return JobOutput(out, {**result.stats, "timings": result.timings})
+    material = {"kind": "pbr" if settings.bake.normal_map else "albedo", "metallic": settings.bake.metallic,
+                "roughness": settings.bake.roughness, "normal_map": settings.bake.normal_map}
+    return JobOutput(out, {**result.stats, "material": material, "timings": result.timings})
 
 
 SPEC = JobSpec(

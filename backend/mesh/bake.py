@@ -13,6 +13,7 @@ never bleed background into the model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -37,6 +38,9 @@ class BakeSettings:
     min_cos: float = 0.05
     alpha_threshold: float = 0.5
     depth_tolerance: float = 0.01  # as a fraction of the mesh's bounding diagonal
+    normal_map: bool = True  # also bake a tangent-space normal map from the surface before decimation
+    metallic: float = 0.0  # the material's constant factors (glTF metallic-roughness)
+    roughness: float = 0.8
 
 
 def sphere_cameras(center, radius: float, fov_deg: float, resolution: int, elevations=(-45.0, 0.0, 45.0),
@@ -136,3 +140,109 @@ def bake_texture(vertices: np.ndarray, faces: np.ndarray, uv: np.ndarray, normal
         tex = np.where(got[..., None], tex, b)
         return tex, got
     return fill_empty(tex, got), got
+
+
+# ---------------------------------------------------------------------------
+# normal maps
+
+
+def vertex_tangents(vertices: np.ndarray, faces: np.ndarray, uv: np.ndarray, normals: np.ndarray) -> np.ndarray:
+    """Per-vertex tangent frames for a tangent-space normal map, as glTF stores them:
+    [V,4], xyz the unit tangent (the surface direction of increasing u, made orthogonal
+    to the vertex normal), w = +1 or -1 so that ``cross(normal, tangent.xyz) * w`` is the
+    direction of increasing v (v up, the convention of :class:`TexturedMesh`: the normal
+    map's green channel points up in the image, as glTF and Blender read it).
+
+    Each face's UV derivatives are accumulated on its corners, weighted by the corner
+    angle (as MikkTSpace does, which Blender and glTF viewers compute when no tangents
+    are given; on smooth, unmirrored charts the two agree closely)."""
+    v = np.asarray(vertices, np.float64)
+    f = np.asarray(faces, np.int64)
+    t = np.asarray(uv, np.float64)
+    n = np.asarray(normals, np.float64)
+    p0, p1, p2 = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]
+    w0, w1, w2 = t[f[:, 0]], t[f[:, 1]], t[f[:, 2]]
+    e1, e2 = p1 - p0, p2 - p0
+    d1, d2 = w1 - w0, w2 - w0
+    det = d1[:, 0] * d2[:, 1] - d2[:, 0] * d1[:, 1]
+    ok = np.abs(det) > 1e-14
+    r = np.where(ok, 1.0 / np.where(ok, det, 1.0), 0.0)[:, None]
+    du = (e1 * d2[:, 1:2] - e2 * d1[:, 1:2]) * r  # dP/du
+    dv = (e2 * d1[:, 0:1] - e1 * d2[:, 0:1]) * r  # dP/dv
+    tan = np.zeros_like(v)
+    bit = np.zeros_like(v)
+    tri = [p0, p1, p2]
+    for k in range(3):
+        a, b = tri[(k + 1) % 3] - tri[k], tri[(k + 2) % 3] - tri[k]
+        cosang = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)).clip(1e-20)
+        ang = np.arccos(np.clip(cosang, -1.0, 1.0))[:, None]
+        np.add.at(tan, f[:, k], ang * du)
+        np.add.at(bit, f[:, k], ang * dv)
+    tan -= n * (tan * n).sum(1, keepdims=True)
+    length = np.linalg.norm(tan, axis=1, keepdims=True)
+    # vertices with no usable UV derivative: any direction orthogonal to the normal
+    fallback = np.cross(n, np.where(np.abs(n[:, 2:3]) < 0.9, [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]))
+    tan = np.where(length > 1e-12, tan / length.clip(1e-20), fallback / np.linalg.norm(fallback, axis=1, keepdims=True).clip(1e-20))
+    w = np.where((np.cross(n, tan) * bit).sum(1) < 0.0, -1.0, 1.0)
+    return np.concatenate([tan, w[:, None]], 1).astype(np.float32)
+
+
+def encode_tangent_normals(detail: np.ndarray, normal: np.ndarray, tangent: np.ndarray) -> np.ndarray:
+    """World-space unit normals ``detail`` [N,3] expressed in the tangent frames (``normal``
+    [N,3], ``tangent`` [N,4] interpolated per texel) and encoded as a normal map's colours
+    in [0, 1] (0.5, 0.5, 1 where the two normals agree)."""
+    n = normal / np.linalg.norm(normal, axis=1, keepdims=True).clip(1e-12)
+    t = tangent[:, :3] - n * (tangent[:, :3] * n).sum(1, keepdims=True)
+    t /= np.linalg.norm(t, axis=1, keepdims=True).clip(1e-12)
+    b = np.cross(n, t) * np.where(tangent[:, 3:4] < 0.0, -1.0, 1.0)
+    local = np.stack([(detail * t).sum(1), (detail * b).sum(1), (detail * n).sum(1)], 1)
+    local[:, 2] = np.maximum(local[:, 2], 1e-3)  # a detail normal facing away from the face cannot be shown: clamp it
+    local /= np.linalg.norm(local, axis=1, keepdims=True)
+    return (0.5 * local + 0.5).astype(np.float32)
+
+
+def decode_tangent_normals(rgb: np.ndarray, normal: np.ndarray, tangent: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`encode_tangent_normals`: world-space unit normals."""
+    n = normal / np.linalg.norm(normal, axis=1, keepdims=True).clip(1e-12)
+    t = tangent[:, :3] - n * (tangent[:, :3] * n).sum(1, keepdims=True)
+    t /= np.linalg.norm(t, axis=1, keepdims=True).clip(1e-12)
+    b = np.cross(n, t) * np.where(tangent[:, 3:4] < 0.0, -1.0, 1.0)
+    local = 2.0 * np.asarray(rgb, np.float64) - 1.0
+    out = local[:, :1] * t + local[:, 1:2] * b + local[:, 2:3] * n
+    return out / np.linalg.norm(out, axis=1, keepdims=True).clip(1e-12)
+
+
+@torch.no_grad()
+def bake_normal_map(vertices: np.ndarray, faces: np.ndarray, uv: np.ndarray, normals: np.ndarray,
+                    detail_normals: Callable[[np.ndarray, np.ndarray], np.ndarray], size: int,
+                    chunk: int = 1 << 18) -> tuple[np.ndarray, np.ndarray]:
+    """Tangent-space normal map of a (decimated) mesh from a more detailed surface.
+
+    ``detail_normals(points [N,3], normals [N,3]) -> [N,3]`` gives the detailed surface's
+    unit normal near each texel's point on this mesh (its interpolated normal tells which
+    side; rows of NaN: unknown there, the face's own normal is kept). Returns (map
+    [size,size,3] float32 in [0,1], the UV charts' texel mask [size,size]); gutters are
+    filled from the nearest texel of a chart, as the colour map's are."""
+    V = torch.as_tensor(vertices, dtype=torch.float32)
+    Fc = torch.as_tensor(faces, dtype=torch.long)
+    N = torch.as_tensor(normals, dtype=torch.float32)
+    T = torch.as_tensor(vertex_tangents(vertices, faces, uv, normals), dtype=torch.float32)
+    r = rasterize_uv(torch.as_tensor(uv, dtype=torch.float32), Fc, size)
+    texel = r.mask.reshape(-1)
+    idx = torch.nonzero(texel).squeeze(1)
+    pos = interpolate(r, V, Fc).reshape(-1, 3)[idx].numpy().astype(np.float64)
+    nrm = interpolate(r, N, Fc).reshape(-1, 3)[idx].numpy().astype(np.float64)
+    tan = interpolate(r, T, Fc).reshape(-1, 4)[idx].numpy().astype(np.float64)
+    nrm /= np.linalg.norm(nrm, axis=1, keepdims=True).clip(1e-12)
+    out = np.empty((len(idx), 3), np.float32)
+    for s in range(0, len(idx), chunk):
+        sl = slice(s, s + chunk)
+        d = np.asarray(detail_normals(pos[sl], nrm[sl]), np.float64)
+        d = np.where(np.isfinite(d).all(1, keepdims=True), d, nrm[sl])
+        d /= np.linalg.norm(d, axis=1, keepdims=True).clip(1e-12)
+        out[sl] = encode_tangent_normals(d, nrm[sl], tan[sl])
+    tex = np.zeros((size * size, 3), np.float32)
+    tex[:] = (0.5, 0.5, 1.0)
+    tex[idx.numpy()] = out
+    got = texel.numpy().reshape(size, size)
+    return fill_empty(tex.reshape(size, size, 3), got), got

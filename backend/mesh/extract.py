@@ -189,8 +189,45 @@ def close_solid(free: np.ndarray, radius: int) -> np.ndarray:
 def solid_surface(grid: Grid, free: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
     """Marching cubes at ``level`` after filling every voxel not known to be free:
     hidden inner sheets of the Gaussian shell disappear, the visible surface stays."""
+    return marching_cubes(Grid(surface_field(grid, free, level), grid.origin, grid.voxel), level, fill=False)
+
+
+class FieldNormals:
+    """The normals of an iso-surface of a grid, from the gradient of the field: the
+    detailed surface a decimated mesh's normal map is baked from. The field is clipped
+    to ``[0, 2 * level]`` (the solid's interior adds nothing but its magnitude) and
+    smoothed by ``sigma`` voxels; normals point to falling values (outward)."""
+
+    def __init__(self, values: np.ndarray, origin: np.ndarray, voxel: float, level: float, sigma: float = 1.0):
+        from scipy.ndimage import gaussian_filter
+
+        field_ = gaussian_filter(np.clip(values, 0.0, 2.0 * level).astype(np.float32), sigma)
+        self.gradient = np.gradient(field_)
+        self.origin = np.asarray(origin, np.float64)
+        self.voxel = float(voxel)
+        self.level = float(level)
+
+    def __call__(self, points: np.ndarray, normals: np.ndarray | None = None, min_agreement: float = 0.0) -> np.ndarray:
+        """Unit normals at ``points`` [N,3] (trilinear); rows of NaN where the field is flat,
+        or where the normal disagrees with ``normals`` (cosine under ``min_agreement``):
+        a nearby inner sheet rather than this surface."""
+        from scipy.ndimage import map_coordinates
+
+        ijk = ((np.asarray(points, np.float64) - self.origin) / self.voxel).T
+        g = np.stack([map_coordinates(c, ijk, order=1, mode="nearest") for c in self.gradient], 1)
+        length = np.linalg.norm(g, axis=1, keepdims=True)
+        n = -g / length.clip(1e-20)
+        bad = length[:, 0] < 1e-3 * self.level
+        if normals is not None:
+            bad |= (n * normals).sum(1) < min_agreement
+        n[bad] = np.nan
+        return n
+
+
+def surface_field(grid: Grid, free: np.ndarray, level: float) -> np.ndarray:
+    """The values :func:`solid_surface` runs marching cubes on."""
     vals = np.where(free, grid.values, np.maximum(grid.values, 2.0 * level))
-    return marching_cubes(Grid(vals, grid.origin, grid.voxel), level, fill=True)
+    return fill_enclosed(vals, level)
 
 
 def silhouette_iou(vertices: np.ndarray, faces: np.ndarray, views, max_views: int = 12, max_size: int = 96) -> float:

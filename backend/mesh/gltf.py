@@ -4,8 +4,10 @@ Written by hand rather than through a scene library so that what goes in comes
 out exactly: positions are stored as float32 in glTF's Y-up frame, mapped from
 the project's Z-up world by (x, y, z) -> (x, z, -y) (Blender's importer maps
 them back), texture coordinates with glTF's top-left origin (t = 1 - v), and
-the texture is the material's ``baseColorTexture`` with metallic 0, so every
-glTF viewer shows it.
+the texture is the material's ``baseColorTexture``; a mesh with a normal map also
+gets its ``normalTexture`` and per-vertex ``TANGENT`` frames (the ones it was baked
+with), and ``metallicFactor``/``roughnessFactor`` are the mesh's constants, so every
+glTF viewer, Blender's importer included, shows a metallic-roughness material.
 
 The reader covers what a mesh from Blender or another tool carries: nodes
 with matrices or TRS, several meshes and primitives, interleaved or tightly
@@ -131,9 +133,24 @@ def write_glb(meshes: TexturedMesh | list[TexturedMesh]) -> bytes:
         tex = b.image(m.extras.get("texture_png") or texture_png(m.texture))
         mat = {
             "name": f"{m.name}_material",
-            "pbrMetallicRoughness": {"baseColorTexture": {"index": tex}, "metallicFactor": 0.0, "roughnessFactor": 1.0},
+            "pbrMetallicRoughness": {"baseColorTexture": {"index": tex}, "metallicFactor": float(m.metallic),
+                                     "roughnessFactor": float(m.roughness)},
             "doubleSided": bool(m.extras.get("double_sided", False)),
         }
+        if m.normal_map is not None:
+            if "gltf_tangents" in m.extras:  # read from a GLB: its own tangents, or none (the viewer's MikkTSpace)
+                t_gltf = m.extras["gltf_tangents"]
+            else:
+                from .bake import vertex_tangents
+
+                if m.normals is None:
+                    raise ValueError(f"mesh {m.name!r}: a normal map needs vertex normals")
+                tan = vertex_tangents(m.vertices, f, m.uv, m.normals)
+                # a rotation keeps handedness: the Z-up -> Y-up map is one
+                t_gltf = np.concatenate([cam.blender_to_gltf(tan[:, :3].astype(np.float64)), tan[:, 3:]], 1)
+            if t_gltf is not None:
+                attrs["TANGENT"] = b.accessor(np.asarray(t_gltf, np.float32), "VEC4", 34962)
+            mat["normalTexture"] = {"index": b.image(texture_png(m.normal_map)), "scale": 1.0}
         b.gltf["materials"].append(mat)
         b.gltf["meshes"].append({"name": m.name, "primitives": [
             {"attributes": attrs, "indices": idx, "material": len(b.gltf["materials"]) - 1, "mode": 4}]})
@@ -171,6 +188,10 @@ class GltfPrimitive:
     primitive: int = -1
     texture_png: bytes | None = None
     extras: dict = field(default_factory=dict)
+    normal_map: np.ndarray | None = None  # normalTexture [H,W,3] float32 in [0,1]
+    tangents: np.ndarray | None = None  # TANGENT [V,4] as stored (glTF frame)
+    metallic: float = 0.0  # the material's factors (glTF's default 1 where it has one without them;
+    roughness: float = 1.0  # with no material at all, 0 and 1: a plain dielectric, as Blender shows it)
 
     def world_vertices(self) -> np.ndarray:
         """Vertices in the Z-up world (node transform applied), float64."""
@@ -374,9 +395,13 @@ def _read_glb(data: bytes, textures: bool = True) -> list[GltfPrimitive]:
                 st = _accessor(gltf, binary, attrs["TEXCOORD_0"]).astype(np.float32)
                 uv = np.stack([st[:, 0], 1.0 - st[:, 1]], -1)
             normals = _accessor(gltf, binary, attrs["NORMAL"]).astype(np.float32) if "NORMAL" in attrs else None
-            texture = png = None
+            tangents = _accessor(gltf, binary, attrs["TANGENT"]).astype(np.float32) if "TANGENT" in attrs else None
+            if tangents is not None and tangents.shape != (len(pos), 4):
+                raise InputError("GLB TANGENT must be one VEC4 per vertex")
+            texture = png = normal_map = None
             base = (1.0, 1.0, 1.0, 1.0)
             mat_name = None
+            metallic, roughness = 0.0, 1.0
             if "material" in prim:
                 mat = gltf["materials"][prim["material"]]
                 mat_name = mat.get("name")
@@ -384,11 +409,16 @@ def _read_glb(data: bytes, textures: bool = True) -> list[GltfPrimitive]:
                 base = tuple(pbr.get("baseColorFactor", base))
                 if "baseColorTexture" in pbr and textures:
                     texture, png = _image(gltf, binary, pbr["baseColorTexture"]["index"])
+                metallic = float(pbr.get("metallicFactor", 1.0))
+                roughness = float(pbr.get("roughnessFactor", 1.0))
+                if "normalTexture" in mat and textures:
+                    normal_map, _ = _image(gltf, binary, mat["normalTexture"]["index"])
             out.append(GltfPrimitive(
                 name=node.get("name") or mesh.get("name") or f"mesh_{node['mesh']}",
                 positions=pos, indices=idx.reshape(-1, 3), world=world, uv=uv, normals=normals, texture=texture,
                 base_color=base, material=mat_name, node=ni, mesh=node["mesh"], primitive=pi, texture_png=png,
-                extras=node.get("extras", {}) if isinstance(node.get("extras"), dict) else {}))
+                extras=node.get("extras", {}) if isinstance(node.get("extras"), dict) else {},
+                normal_map=normal_map, tangents=tangents, metallic=metallic, roughness=roughness))
     if not out:
         raise InputError("GLB holds no triangle mesh")
     return out

@@ -14,7 +14,10 @@ from .raster import interpolate, rasterize_mesh, sample_texture
 
 @dataclass
 class TexturedMesh:
-    """World-space (Z up) triangle mesh with per-vertex UVs and a base-colour texture.
+    """World-space (Z up) triangle mesh with per-vertex UVs and a base-colour texture,
+    optionally a tangent-space normal map (same UVs; tangent frames from
+    :func:`backend.mesh.bake.vertex_tangents`) and constant metallic/roughness factors:
+    a glTF metallic-roughness material.
 
     ``uv`` follows the OpenGL/glTF-loader convention: v = 0 at the bottom row of
     ``texture`` (whose row 0 is the top of the image). Vertices on UV seams are
@@ -27,6 +30,9 @@ class TexturedMesh:
     normals: np.ndarray | None = None  # [V,3]
     name: str = "gen3d"
     extras: dict = field(default_factory=dict)
+    normal_map: np.ndarray | None = None  # [Hn,Wn,3] float32 in [0,1] (0.5, 0.5, 1: the face's own normal)
+    metallic: float = 0.0
+    roughness: float = 1.0
 
     def copy(self, **changes) -> "TexturedMesh":
         return replace(self, **changes)

@@ -16,10 +16,10 @@ from ..gaussians.init import inside_hull
 from ..gaussians.model import Gaussians
 from ..gaussians.render import renderer_name
 from ..gaussians.train import TrainSettings, train_gaussians
-from ..mesh.bake import BakeSettings, BakeView, bake_texture, sphere_cameras
+from ..mesh.bake import BakeSettings, BakeView, bake_normal_map, bake_texture, sphere_cameras
 from ..mesh.clean import CleanSettings, clean_mesh, mesh_topology
-from ..mesh.extract import (calibrated_surface, centre_density, close_solid, density_grid, free_space, gaussian_bounds,
-                            solid_surface)
+from ..mesh.extract import (FieldNormals, calibrated_surface, centre_density, close_solid, density_grid, free_space,
+                            gaussian_bounds, solid_surface, surface_field)
 from ..mesh.textured import TexturedMesh
 from ..mesh.uv import unwrap
 from ..common.progress import NULL, Progress
@@ -31,6 +31,7 @@ class MeshSettings:
     level: float = 0.0  # iso level of the density (0: calibrated on the views' silhouettes)
     carve_views: int = 26  # extra views around the object used to find free space
     hull_consistency: float = 0.9  # a voxel outside the masks of more than 10 % of the views is empty
+    hull_binding: tuple[int, ...] = ()  # ... or outside the mask of one of these views (known to be right)
     depth_votes: int = 1  # a voxel in front of the rendered depth in this many views is empty
     close_voxels: int = 0  # free channels into the solid narrower than about twice this are filled
     clean: CleanSettings = field(default_factory=CleanSettings)
@@ -71,9 +72,17 @@ def render_views(g: Gaussians, rig: list[tuple[np.ndarray, cam.Intrinsics]]) -> 
     return out
 
 
-def gaussians_to_mesh(g: Gaussians, views: PosedViews, settings: MeshSettings, progress: Progress = NULL):
-    """Density grid, free-space carving from renders, marching cubes, clean-up.
-    Returns (vertices, faces, normals, iso level) in world space."""
+@dataclass
+class ExtractedMesh:
+    vertices: np.ndarray  # [V,3] world space, after clean-up and decimation
+    faces: np.ndarray  # [F,3]
+    normals: np.ndarray  # [V,3]
+    level: float  # the density's iso level
+    detail: FieldNormals  # the surface before decimation: its normals at any point near it
+
+
+def gaussians_to_mesh(g: Gaussians, views: PosedViews, settings: MeshSettings, progress: Progress = NULL) -> ExtractedMesh:
+    """Density grid, free-space carving from renders, marching cubes, clean-up (world space)."""
     lo, hi = gaussian_bounds(g)
     grid = density_grid(g, settings.grid_resolution, (lo, hi))
     progress.update(0.3, "density grid")
@@ -88,7 +97,7 @@ def gaussians_to_mesh(g: Gaussians, views: PosedViews, settings: MeshSettings, p
     dims = grid.values.shape
     ii, jj, kk = np.meshgrid(*[np.arange(d) for d in dims], indexing="ij")
     hull = inside_hull(grid.world(np.stack([ii, jj, kk], -1).reshape(-1, 3)).astype(np.float32), views,
-                       settings.hull_consistency, dilate=2).reshape(dims)
+                       settings.hull_consistency, dilate=2, binding=tuple(settings.hull_binding)).reshape(dims)
     grid.values[~hull] = 0.0
     free = close_solid(free, settings.close_voxels) | ~hull
     progress.update(0.5, "free space")
@@ -99,7 +108,8 @@ def gaussians_to_mesh(g: Gaussians, views: PosedViews, settings: MeshSettings, p
         v, f, level, _ = calibrated_surface(grid, free, views, centre_density(grid, g))
     progress.update(0.7, f"marching cubes at level {level:g}: {len(f)} faces")
     v, f, n = clean_mesh(v, f, settings.clean)
-    return v, f, n, level
+    detail = FieldNormals(surface_field(grid, free, level), grid.origin, grid.voxel, level)
+    return ExtractedMesh(v, f, n, level, detail)
 
 
 def reconstruct(views: PosedViews, settings: ReconstructSettings | None = None, device: str = "cpu",
@@ -132,7 +142,8 @@ def gaussians_to_textured_mesh(g: Gaussians, views: PosedViews, settings: Recons
 
     t = time.perf_counter()
     p = plan["mesh"]
-    v, f, n, level = gaussians_to_mesh(g, views, s.mesh, p)
+    em = gaussians_to_mesh(g, views, s.mesh, p)
+    v, f, n, level = em.vertices, em.faces, em.normals, em.level
     timings["mesh"] = time.perf_counter() - t
     topo = mesh_topology(v, f)
 
@@ -156,7 +167,14 @@ def gaussians_to_textured_mesh(g: Gaussians, views: PosedViews, settings: Recons
         bake_views[i] = BakeView(bake_views[i].c2w, k, np.asarray(img, np.float32), photo_weight)
     tex, covered = bake_texture(uvv, uf, uv, uvn, bake_views, s.bake, plan["texture"])
     timings["texture"] = time.perf_counter() - t
-    mesh = TexturedMesh(uvv, uf, uv, tex, uvn, name=s.name)
+    normal_map = None
+    if s.bake.normal_map:
+        t = time.perf_counter()
+        # the surface before decimation, seen through the decimated mesh's tangent frames
+        normal_map, _ = bake_normal_map(uvv, uf, uv, uvn, lambda p, nr: em.detail(p, nr, 0.3), int(tex.shape[0]))
+        timings["normal_map"] = time.perf_counter() - t
+    mesh = TexturedMesh(uvv, uf, uv, tex, uvn, name=s.name, normal_map=normal_map,
+                        metallic=s.bake.metallic, roughness=s.bake.roughness)
     stats = {
         "views": len(views),
         "view_size": [views.width, views.height],

@@ -114,9 +114,13 @@ def mesh_from_glb(data: bytes, texture_size: int = 0) -> tuple[TexturedMesh, str
             tex = resize_rgba(np.concatenate([tex, np.ones(tex.shape[:2] + (1,), np.float32)], -1), size, size)[..., :3]
     else:
         tex = np.broadcast_to(np.asarray(p.base_color[:3], np.float32), (size, size, 3)).copy()
+    extras = {"gltf_positions": raw, "gltf_matrix": p.world, "gltf_normals": normals_raw}
+    # the material's other parts pass through; a normal map only with the UVs it was made for
+    normal_map = p.normal_map if uv_source == "input" else None
+    if normal_map is not None:
+        extras["gltf_tangents"] = p.tangents
     mesh = TexturedMesh(world, faces, uv.astype(np.float32), tex.astype(np.float32), vertex_normals(world, faces),
-                        name=p.name, extras={"gltf_positions": raw, "gltf_matrix": p.world,
-                                             "gltf_normals": normals_raw})
+                        name=p.name, extras=extras, normal_map=normal_map, metallic=p.metallic, roughness=p.roughness)
     return mesh, uv_source
 
 
