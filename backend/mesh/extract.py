@@ -196,9 +196,16 @@ class FieldNormals:
     """The normals of an iso-surface of a grid, from the gradient of the field: the
     detailed surface a decimated mesh's normal map is baked from. The field is clipped
     to ``[0, 2 * level]`` (the solid's interior adds nothing but its magnitude) and
-    smoothed by ``sigma`` voxels; normals point to falling values (outward)."""
+    smoothed by ``sigma`` voxels; normals point to falling values (outward).
 
-    def __init__(self, values: np.ndarray, origin: np.ndarray, voxel: float, level: float, sigma: float = 1.0):
+    Against the true surface (median angle, distilled Gaussians of the image-to-3D bench,
+    standard CPU settings, 20k faces): suzanne's decimated mesh 10.2 degrees, through this
+    field's normals 8.7; the cube 9.0 and 8.9. Less smoothing follows the Gaussians' noise
+    (sigma 1: 9.7 and 10.2), more rounds off the surface (2: the cube 10.4); at 3k faces
+    the decimated suzanne is a little closer (8.3 against 8.9). The dense marching-cubes
+    mesh itself is further off than either (11.1 and 11.7)."""
+
+    def __init__(self, values: np.ndarray, origin: np.ndarray, voxel: float, level: float, sigma: float = 1.5):
         from scipy.ndimage import gaussian_filter
 
         field_ = gaussian_filter(np.clip(values, 0.0, 2.0 * level).astype(np.float32), sigma)
