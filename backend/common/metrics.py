@@ -102,3 +102,19 @@ def chamfer_fscore(pred_v, pred_f, true_v, true_f, n: int = 100_000, tau: float 
         "recall": recall,
         "diagonal": diag,
     }
+
+
+def seam_pixels(rgba: np.ndarray, colours: np.ndarray, tolerance: float = 0.1, erode: int = 1) -> int:
+    """Pixels inside a render's silhouette (alpha 1, ``erode`` pixels in from its edge) whose
+    colour lies within ``tolerance`` (max over channels) of one of ``colours`` [K,3]: the
+    background or the black of an unpadded texture showing through a UV seam."""
+    from scipy.ndimage import binary_erosion
+
+    inside = rgba[..., 3] > 0.999
+    if erode:
+        inside = binary_erosion(inside, iterations=erode)
+    px = rgba[inside][:, :3]
+    near = np.zeros(len(px), bool)
+    for c in np.asarray(colours, np.float32).reshape(-1, 3):
+        near |= np.abs(px - c).max(1) <= tolerance
+    return int(near.sum())
