@@ -294,6 +294,7 @@ def test_generate_jobs_on_the_server(tmp_path, tiny_store):
             prim = read_glb(msg.attachment("model.glb").data)[0]
             assert np.linalg.norm(prim.world_vertices(), axis=1).max() == pytest.approx(1.0, abs=1e-4)
             assert prim.texture is not None and msg.attachment("reference.png") is not None
+            assert prim.normal_map is not None and msg.get("metadata")["material"]["from"] == "default"
             meta = msg.get("metadata")
             assert meta["front"] == [0.0, -1.0, 0.0] and meta["views"] == 4
             # image input
@@ -301,7 +302,8 @@ def test_generate_jobs_on_the_server(tmp_path, tiny_store):
             img[..., 3] = 0
             img[60:150, 40:120] = [0.2, 0.4, 0.9, 1.0]
             msg = c.run("image_to_3d", FAST, [Attachment("image", "image/png", encode_png(img))])
-            assert read_glb(msg.attachment("model.glb").data)[0].texture is not None
+            prim = read_glb(msg.attachment("model.glb").data)[0]
+            assert prim.texture is not None and len(prim.indices) <= 1000
             # bad input: no prompt, an image that is not one
             with pytest.raises(BackendError) as info:
                 c.run("text_to_3d", {"prompt": "  ", **FAST})

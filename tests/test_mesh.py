@@ -357,3 +357,14 @@ def test_misoriented_faces_are_the_ones_against_their_neighbours():
     g[5] = g[5, ::-1]  # one face turned over: it and its three neighbours share an edge direction
     bad = _misoriented_faces(g)
     assert bad[5] and bad.sum() == 4
+
+
+def test_a_coarse_surface_is_subdivided_up_to_the_face_budget():
+    from tests.addon_helpers import icosphere
+
+    v, f = icosphere(2)  # 320 faces
+    v2, f2, _ = clean_mesh(v, f, CleanSettings(target_faces=2000, smoothing_steps=0))
+    assert 1900 <= len(f2) <= 2100, len(f2)
+    np.testing.assert_allclose(np.linalg.norm(v2, axis=1), 1.0, atol=0.03)  # the same sphere, finer
+    v3, f3, _ = clean_mesh(v, f, CleanSettings(target_faces=2000, smoothing_steps=0, fill_budget=0.0))
+    assert len(f3) == 320  # a ceiling only

@@ -27,6 +27,7 @@ class CleanSettings:
     max_hole_edges: int = 60  # close holes with at most this many boundary edges
     smoothing_steps: int = 3  # Taubin steps (volume preserving)
     remesh_iterations: int = 0  # isotropic remeshing passes before decimation (0: none)
+    fill_budget: float = 0.95  # a surface with fewer faces than this fraction of the budget is subdivided up to it (0: never)
 
 
 def clean_mesh(vertices: np.ndarray, faces: np.ndarray, settings: CleanSettings | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -151,6 +152,13 @@ def _clean(vertices: np.ndarray, faces: np.ndarray, s: CleanSettings) -> tuple[n
         ms.apply_coord_taubin_smoothing(stepsmoothnum=s.smoothing_steps)
     if s.remesh_iterations > 0:
         ms.meshing_isotropic_explicit_remeshing(iterations=s.remesh_iterations)
+    # the budget is a face count, not only a ceiling: a coarser surface is subdivided (midpoint: the
+    # shape is kept) past it, then decimated to it like any other
+    for _ in range(6):
+        n = ms.current_mesh().face_number()
+        if not 0 < n < s.fill_budget * s.target_faces:
+            break
+        ms.meshing_surface_subdivision_midpoint(iterations=1, threshold=pymeshlab.PercentageValue(0.0))
     # the face budget is a promise: a topology-preserving pass first, then a freer one if it stalled
     for keep_topology in (True, True, False):
         if ms.current_mesh().face_number() <= s.target_faces:
@@ -175,8 +183,8 @@ def _clean(vertices: np.ndarray, faces: np.ndarray, s: CleanSettings) -> tuple[n
         # the repairs cut and re-closed them): cut them out, close the holes, orient again
         m = ms.current_mesh()
         bad = _misoriented_faces(m.face_matrix())
-        if not bad.any() or s.max_hole_edges <= 0:
-            break
+        if not bad.any() or s.max_hole_edges <= 0 or bad.mean() > 0.02:
+            break  # (more than a few: a surface too broken to patch; cutting would only tear it further)
         fm = m.face_matrix()
         ring = np.isin(fm, np.unique(fm[bad])).any(1)  # and their neighbours: the hole gets a clean rim
         ms.add_mesh(pymeshlab.Mesh(vertex_matrix=m.vertex_matrix(), face_matrix=fm[~ring]))
