@@ -206,3 +206,14 @@ def test_no_background_shows_through_the_seams_at_four_times_the_texel_density(s
         control.append(seam_pixels(render_mesh_rgba(empty, c2w, k, 1), np.array(list(bad.values()))))
     assert max(counts) <= 3, counts
     assert min(control) > 30, control
+
+
+def test_a_material_factor_out_of_range_is_a_clear_error(sphere):
+    from backend.common.errors import InputError
+
+    v, f, uv, n = sphere
+    data = write_glb(TexturedMesh(v, f, uv, np.full((8, 8, 3), 0.5, np.float32), n, roughness=0.5))
+    bad = data.replace(b'"roughnessFactor":0.5', b'"roughnessFactor":7.0')
+    assert bad != data
+    with pytest.raises(InputError, match="outside"):
+        read_glb(bad)

@@ -13,10 +13,10 @@ from ..common.dataset import decode_image, encode_png
 from ..common.progress import Progress
 from ..mesh.gltf import write_glb
 from ..pipeline.generate import QUALITY, GenerateResult, GenerateSettings, image_to_3d, text_to_image
-from .material import MATERIAL, apply_material
 from ..pipeline.novel_views import Zero123Views, on_white
 from ..pipeline.sds import Zero123Guidance
 from ..service.jobs import AttachmentSpec, InputError, JobContext, JobInputs, JobOutput, JobSpec, Param
+from .material import MATERIAL, apply_material
 
 
 def _device_kind(device: str) -> str:
@@ -52,8 +52,6 @@ def settings_from_params(p: dict, device: str) -> GenerateSettings:
     apply_material(s.reconstruct.bake, p)
     s.reconstruct.name = "gen3d"
     return s
-
-
 
 
 COMMON = (

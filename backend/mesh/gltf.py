@@ -332,6 +332,14 @@ def _image(gltf: dict, binary: bytes, tex_index: int) -> tuple[np.ndarray | None
     return arr[..., :3], data
 
 
+def _factor(value) -> float:
+    """A material factor in [0, 1] (glTF's range); anything else is malformed."""
+    f = float(value)
+    if not 0.0 <= f <= 1.0:  # NaN fails too
+        raise InputError(f"GLB material factor {str(value)[:32]} is outside [0, 1]")
+    return f
+
+
 def read_glb(data: bytes, textures: bool = True) -> list[GltfPrimitive]:
     """All triangle primitives of the default scene, with their world matrices. Anything
     malformed (wrong types, bad indices, counts the bytes do not back) is an :class:`InputError`."""
@@ -409,8 +417,8 @@ def _read_glb(data: bytes, textures: bool = True) -> list[GltfPrimitive]:
                 base = tuple(pbr.get("baseColorFactor", base))
                 if "baseColorTexture" in pbr and textures:
                     texture, png = _image(gltf, binary, pbr["baseColorTexture"]["index"])
-                metallic = float(pbr.get("metallicFactor", 1.0))
-                roughness = float(pbr.get("roughnessFactor", 1.0))
+                metallic = _factor(pbr.get("metallicFactor", 1.0))
+                roughness = _factor(pbr.get("roughnessFactor", 1.0))
                 if "normalTexture" in mat and textures:
                     normal_map, _ = _image(gltf, binary, mat["normalTexture"]["index"])
             out.append(GltfPrimitive(
