@@ -187,14 +187,20 @@ def vertex_tangents(vertices: np.ndarray, faces: np.ndarray, uv: np.ndarray, nor
     return np.concatenate([tan, w[:, None]], 1).astype(np.float32)
 
 
-def encode_tangent_normals(detail: np.ndarray, normal: np.ndarray, tangent: np.ndarray) -> np.ndarray:
-    """World-space unit normals ``detail`` [N,3] expressed in the tangent frames (``normal``
-    [N,3], ``tangent`` [N,4] interpolated per texel) and encoded as a normal map's colours
-    in [0, 1] (0.5, 0.5, 1 where the two normals agree)."""
+def _tangent_frame(normal: np.ndarray, tangent: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Orthonormal (tangent, bitangent, normal) rows from interpolated normals [N,3] and tangents [N,4]."""
     n = normal / np.linalg.norm(normal, axis=1, keepdims=True).clip(1e-12)
     t = tangent[:, :3] - n * (tangent[:, :3] * n).sum(1, keepdims=True)
     t /= np.linalg.norm(t, axis=1, keepdims=True).clip(1e-12)
     b = np.cross(n, t) * np.where(tangent[:, 3:4] < 0.0, -1.0, 1.0)
+    return t, b, n
+
+
+def encode_tangent_normals(detail: np.ndarray, normal: np.ndarray, tangent: np.ndarray) -> np.ndarray:
+    """World-space unit normals ``detail`` [N,3] expressed in the tangent frames (``normal``
+    [N,3], ``tangent`` [N,4] interpolated per texel) and encoded as a normal map's colours
+    in [0, 1] (0.5, 0.5, 1 where the two normals agree)."""
+    t, b, n = _tangent_frame(normal, tangent)
     local = np.stack([(detail * t).sum(1), (detail * b).sum(1), (detail * n).sum(1)], 1)
     local[:, 2] = np.maximum(local[:, 2], 1e-3)  # a detail normal facing away from the face cannot be shown: clamp it
     local /= np.linalg.norm(local, axis=1, keepdims=True)
@@ -203,10 +209,7 @@ def encode_tangent_normals(detail: np.ndarray, normal: np.ndarray, tangent: np.n
 
 def decode_tangent_normals(rgb: np.ndarray, normal: np.ndarray, tangent: np.ndarray) -> np.ndarray:
     """The inverse of :func:`encode_tangent_normals`: world-space unit normals."""
-    n = normal / np.linalg.norm(normal, axis=1, keepdims=True).clip(1e-12)
-    t = tangent[:, :3] - n * (tangent[:, :3] * n).sum(1, keepdims=True)
-    t /= np.linalg.norm(t, axis=1, keepdims=True).clip(1e-12)
-    b = np.cross(n, t) * np.where(tangent[:, 3:4] < 0.0, -1.0, 1.0)
+    t, b, n = _tangent_frame(normal, tangent)
     local = 2.0 * np.asarray(rgb, np.float64) - 1.0
     out = local[:, :1] * t + local[:, 1:2] * b + local[:, 2:3] * n
     return out / np.linalg.norm(out, axis=1, keepdims=True).clip(1e-12)

@@ -3,7 +3,7 @@
 The colour map is baked from views; metallic and roughness are not measured. By
 default a generated asset is a rough dielectric (metallic 0, roughness 0.8). Where
 the prompt names a material, the factors follow a table of common physically based
-values for it (metals metallic 1; polished, glazed and glossy things low roughness),
+values for it (metals metallic 1; glass, chrome, glazed and lacquered things low roughness),
 the word nearest the start of the prompt winning ("a wooden chair with steel legs"
 is wood). This reads words, not pixels: the text prior is not asked. An explicit
 ``metallic`` or ``roughness`` in the request wins over both.
