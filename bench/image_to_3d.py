@@ -4,6 +4,8 @@ generator, the product's settings, and the truth to compare with.
     python bench/image_to_3d.py [--objects suzanne mug cube] [--views perfect degraded]
                                 [--quality standard] [--prior oracle|none] [--test 8]
                                 [--resolution 128] [--seed 0] [--renders DIR] [--json FILE]
+                                [--faults unseen=0 gain=0 ...] [--prior-faults same|none]
+                                [--prior-fault elevation_bias_deg=0 ...] [--set distill.prior_weight=1 ...]
 
 For each object (suzanne: concavities and a photographic texture; mug: a thin handle and
 a hollow; cube: flat faces and sharp edges, a photograph on each) and each kind of novel
@@ -18,7 +20,9 @@ view:
 Score distillation's prior is the oracle denoiser on the true object
 (:func:`evaluation.oracle.oracle_prior`); for degraded views it samples like Zero-1-to-3
 too, with the same kind of faults drawn on every call, so it is right on average but never
-exactly (``--prior none``: the Gaussians are fitted to the views alone).
+exactly (``--prior none``: the Gaussians are fitted to the views alone). ``--faults`` and
+``--prior-fault`` switch single faults off (or up) for the views and the prior, so that each
+fault's cost can be measured; ``--set`` changes any setting of the job.
 
 ``image_to_3d`` runs on the oracle's reference image (refinement off: its priors need
 real weights), the mesh is put back in the truth's frame, and the script prints held-out
@@ -77,13 +81,17 @@ def run_one(obj: str, kind: str, args, work: Path, device: str) -> dict:
     center = gt["center"]
     radius = framing_radius(gt["vertices"], center)
     cls = DegradedOracleViews if kind == "degraded" else OracleViews
-    oracle = cls(obj, center, radius, **({"seed": args.seed} if kind == "degraded" else {}))
+    faults = ViewFaults(**dict(args.faults or {}))
+    oracle = cls(obj, center, radius, **({"seed": args.seed, "faults": faults} if kind == "degraded" else {}))
     reference = oracle.reference(0.0)
     s = settings_for(args.quality, device)
     # the prior knows the truth; for degraded views it samples like Zero-1-to-3 (faults on every call)
     prior = None
     if args.prior == "oracle":
-        prior = oracle_prior(gt, radius, ViewFaults() if kind == "degraded" else None, args.seed + 1)
+        prior_faults = None
+        if kind == "degraded" and args.prior_faults == "same":
+            prior_faults = ViewFaults(**{**faults.__dict__, **dict(args.prior_fault or {})})
+        prior = oracle_prior(gt, radius, prior_faults, args.seed + 1)
     if args.distill_steps is not None:
         s.distill.steps = args.distill_steps
     if args.view_updates is not None:
@@ -92,6 +100,14 @@ def run_one(obj: str, kind: str, args, work: Path, device: str) -> dict:
         s.reconstruct.train.iterations = args.iterations
     if args.prior_elevations is not None:
         s.distill.elevation_range = tuple(args.prior_elevations)
+    for path, value in args.set or []:
+        *parents, leaf = path.split(".")
+        target = s
+        for name in parents:
+            target = getattr(target, name)
+        if not hasattr(target, leaf):
+            raise SystemExit(f"--set: GenerateSettings has no {path}")
+        setattr(target, leaf, value)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -123,7 +139,11 @@ def run_one(obj: str, kind: str, args, work: Path, device: str) -> dict:
         Path(args.meshes).mkdir(parents=True, exist_ok=True)
         np.savez_compressed(Path(args.meshes) / f"{obj}_{kind}.npz", vertices=mesh.vertices, faces=mesh.faces,
                             uv=mesh.uv, texture=mesh.texture)
-    out = {"object": obj, "views": kind, "prior": args.prior, "quality": args.quality, "psnr": float(np.mean(psnrs)),
+    degraded = kind == "degraded"
+    prior_faults = (dict(args.prior_fault or {}) if args.prior_faults == "same" else "none") if degraded else None
+    out = {"object": obj, "views": kind, "faults": dict(args.faults or {}) if degraded else None,
+           "prior_faults": prior_faults, "set": dict(args.set or {}), "prior": args.prior, "quality": args.quality,
+           "psnr": float(np.mean(psnrs)),
            "mask_iou": float(np.mean(ious)), "chamfer": geo["chamfer"], "fscore": geo["fscore"],
            "precision": geo["precision"], "recall": geo["recall"],
            "reference_psnr": ref_psnr, "seconds": wall, "peak_rss_gb": mem.peak / 1e9, "timings": res.timings,
@@ -134,6 +154,23 @@ def run_one(obj: str, kind: str, args, work: Path, device: str) -> dict:
     if device.startswith("cuda"):
         out["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return out
+
+
+def _fault(text: str) -> tuple:
+    name, _, value = text.partition("=")
+    if name not in ViewFaults.__dataclass_fields__ or not value:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with NAME one of {', '.join(ViewFaults.__dataclass_fields__)}")
+    return name, tuple(float(x) for x in value.split(",")) if "," in value else float(value)
+
+
+def _setting(text: str) -> tuple:
+    path, _, value = text.partition("=")
+    if not path or not value:
+        raise argparse.ArgumentTypeError("expected PATH=VALUE")
+    try:
+        return path, json.loads(value)
+    except json.JSONDecodeError:
+        return path, value
 
 
 def main() -> None:
@@ -151,6 +188,15 @@ def main() -> None:
     ap.add_argument("--view-updates", type=int, default=None, help="override the quality's view updates")
     ap.add_argument("--prior-elevations", type=float, nargs=2, default=None,
                     help="override the elevation range (degrees) of the prior's random cameras")
+    ap.add_argument("--faults", nargs="+", default=None, type=_fault, metavar="NAME=VALUE",
+                    help="override ViewFaults of the degraded views and prior (e.g. unseen=0 gain=0 scale_drift=0; "
+                         "blur_px=LO,HI), to see which fault costs what")
+    ap.add_argument("--prior-faults", default="same", choices=["same", "none"],
+                    help="for degraded views, the oracle prior samples with the same faults (default) or none")
+    ap.add_argument("--prior-fault", nargs="+", default=None, type=_fault, metavar="NAME=VALUE",
+                    help="override these ViewFaults for the prior only (after --faults)")
+    ap.add_argument("--set", nargs="+", default=None, type=_setting, metavar="PATH=VALUE",
+                    help="override any GenerateSettings field (e.g. distill.prior_weight=1.5 view_updates=0)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default=None, help="also write the figures here")
     ap.add_argument("--keep", default=None, help="keep the ground truth in this folder")
