@@ -44,6 +44,7 @@ def settings_from_params(p: dict, device: str) -> GenerateSettings:
     s.reconstruct.train.max_gaussians = q["max_gaussians"][kind]  # the CPU renderer's cost grows with them
     s.distill.steps = pick("distill_steps", q["distill_steps"][kind]) if p.get("prior", True) else 0
     s.distill.seed = p["seed"]
+    s.distill.views_per_step = q["prior_views"]
     updates = p.get("view_updates", -1)
     s.view_updates = q["view_updates"] if updates is None or updates < 0 else updates
     s.reconstruct.train.seed = p["seed"]
