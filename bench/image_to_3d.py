@@ -150,7 +150,7 @@ def run_one(obj: str, kind: str, args, work: Path, device: str) -> dict:
            "novel_views": int(len(res.views)),
            **{k: res.stats.get(k) for k in ("watertight", "boundary_edges", "non_manifold_edges", "components", "genus", "faces",
                                             "atlas_use", "texture_coverage",
-                                            "view_disagreement", "view_updates")}}
+                                            "view_disagreement", "view_updates", "prior_pose")}}
     if device.startswith("cuda"):
         out["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return out

@@ -16,7 +16,9 @@ weighted by each view's confidence) are optimised further; every step adds
   elevation in ``elevation_range``, the reference's distance and field of view), rendered
   on white and scored by each guidance through :func:`backend.pipeline.sds.guidance_loss`
   (score distillation with an annealed timestep, or an SDEdit target), weight
-  ``prior_weight`` times the guidance's own weight.
+  ``prior_weight`` times the guidance's own weight. With ``align_prior`` each answer is first
+  registered to the render it was asked about (:mod:`backend.pipeline.align`): a sampled
+  prior answers for a camera a few degrees off, and unregistered answers average into blur.
 
 Iterative dataset update (``updates``): now and then the Gaussians are rendered at the
 generated views' poses and passed back through the guidance with partial noise
@@ -45,6 +47,7 @@ from ..gaussians.init import axes_convergence
 from ..gaussians.model import Gaussians
 from ..gaussians.render import rasterize
 from ..gaussians.train import photometric_loss
+from .align import PoseAligner
 from .sds import Guidance, priors_loss, sample_view, sdedit_images, view_of
 
 
@@ -62,6 +65,11 @@ class DistillSettings:
     ssim_weight: float = 0.2
     mask_weight: float = 1.0
     elevation_range: tuple = (-20.0, 50.0)  # absolute elevations of the prior's cameras (degrees)
+    # register each of the prior's answers to the render it was asked about (a sampled prior answers for a
+    # camera a few degrees off, with a systematic part; backend.pipeline.align) before its gradient is formed
+    align_prior: bool = False
+    align_max_deg: float = 12.0
+    align_accept: float = 0.97  # a registration is kept where it leaves less than this of the residual
     # the prior's update rule and timestep schedule (see backend.pipeline.sds)
     update: str = "sds"
     t_range: tuple = (0.02, 0.98)
@@ -90,6 +98,7 @@ class DistillReport:
     seconds: float
     updates: int = 0  # iterative dataset updates done
     prior_views: dict = field(default_factory=dict)  # guidance name -> random views it scored
+    prior_pose: dict = field(default_factory=dict)  # with align_prior: answers registered, the running camera change
     losses: list = field(default_factory=list)  # every 10th step: {step, reference, views, prior}
     view_disagreement: float = float("nan")  # mean |target - render| over the generated views' masks, at the end
     initial_disagreement: float = float("nan")  # the same before distillation
@@ -109,10 +118,11 @@ def _object_rig(views: PosedViews) -> tuple[np.ndarray, float, float]:
     return center, dist, math.degrees(views.intrinsics[0].fov_x)
 
 
-def _render(params: dict, viewmats: torch.Tensor, Ks: torch.Tensor, W: int, H: int, bg: torch.Tensor):
+def _render(params: dict, viewmats: torch.Tensor, Ks: torch.Tensor, W: int, H: int, bg: torch.Tensor,
+            mode: str = "RGB"):
     g = Gaussians(params, 0)
     colors, alphas, _ = rasterize(g.means, g.quats, g.scales, g.opacities, g.sh_coeffs(), viewmats, Ks, W, H,
-                                  sh_degree=0, backgrounds=bg)
+                                  sh_degree=0, backgrounds=bg, render_mode=mode)
     return colors, alphas
 
 
@@ -178,6 +188,7 @@ def _distill(gaussians: Gaussians, views: PosedViews, guidances: list, s: Distil
     order: list[int] = []
     prior_K = None
     white = torch.ones(1, 3, device=dev)
+    aligner = PoseAligner(center, s.align_max_deg, accept=s.align_accept) if s.align_prior else None
 
     update_at = {int(s.steps * (s.update_start + (1 - s.update_start) * k / s.updates)) for k in range(s.updates)}
     for step in range(s.steps):
@@ -207,8 +218,12 @@ def _distill(gaussians: Gaussians, views: PosedViews, guidances: list, s: Distil
             if prior_K is None:
                 prior_K = torch.as_tensor(pv[0].intr.K(), dtype=torch.float32, device=dev)[None]
             vm = torch.as_tensor(cam.c2w_to_viewmat(np.stack([v.c2w for v in pv])), dtype=torch.float32, device=dev)
-            pc, _ = _render(params, vm, prior_K.expand(len(pv), -1, -1), size, size, white.expand(len(pv), -1))
-            prior_loss = priors_loss(guidances, pc.permute(0, 3, 1, 2), pv, frac, s, gen, report.prior_views)
+            pc, pa = _render(params, vm, prior_K.expand(len(pv), -1, -1), size, size, white.expand(len(pv), -1),
+                             "RGB+ED" if aligner else "RGB")
+            if aligner:
+                aligner.set_renders(pc[..., 3].detach(), pa[..., 0].detach(), pv)
+                pc = pc[..., :3]
+            prior_loss = priors_loss(guidances, pc.permute(0, 3, 1, 2), pv, frac, s, gen, report.prior_views, aligner)
             loss = loss + s.prior_weight * prior_loss
         loss.backward()
         for opt in optimizers.values():
@@ -227,6 +242,8 @@ def _distill(gaussians: Gaussians, views: PosedViews, guidances: list, s: Distil
     final_views = PosedViews(images.detach().cpu().numpy().astype(np.float32), views.c2w.copy(), list(views.intrinsics),
                              list(views.names), views.weights.copy())
     report.view_disagreement = disagreement(out, final_views, generated)
+    if aligner:
+        report.prior_pose = aligner.summary()
     report.seconds = time.perf_counter() - t0
     return DistillResult(out, final_views, report)
 

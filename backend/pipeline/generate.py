@@ -175,7 +175,8 @@ def image_to_3d(image: np.ndarray, generator: NovelViewGenerator, settings: Gene
         g, views = d.gaussians, d.views
         timings["distill"] = time.perf_counter() - t
         extra.update({"distill_steps": ds.steps, "view_updates": d.report.updates, "prior": [x.name for x in guidances],
-                      "view_disagreement": [d.report.initial_disagreement, d.report.view_disagreement]})
+                      "view_disagreement": [d.report.initial_disagreement, d.report.view_disagreement],
+                      **({"prior_pose": d.report.prior_pose} if d.report.prior_pose else {})})
     t = time.perf_counter()
     rec = gaussians_to_textured_mesh(g, views, rs, device, plan["surface"], photos={0: rig.images[0]})
     timings["surface"] = time.perf_counter() - t

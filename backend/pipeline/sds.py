@@ -57,7 +57,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -475,9 +475,11 @@ def sdedit_images(g: Guidance, imgs: torch.Tensor, views: Sequence[View], t_frac
 
 
 def priors_loss(guidances: Sequence[Guidance], imgs: torch.Tensor, views: Sequence[View], frac: float, s,
-                gen: torch.Generator, shown: dict) -> torch.Tensor:
+                gen: torch.Generator, shown: dict, align: Callable | None = None) -> torch.Tensor:
     """Sum over ``guidances`` of ``weight * guidance_loss`` on the renders each one accepts;
-    ``shown[name]`` counts the views each was shown."""
+    ``shown[name]`` counts the views each was shown. ``align(answer, render, idx)``, when
+    given, registers each guidance's answers for the renders ``idx`` to them
+    (:class:`backend.pipeline.align.PoseAligner`)."""
     loss = torch.zeros((), device=imgs.device)
     for g in guidances:
         idx = [i for i, v in enumerate(views) if g.accepts(v)]
@@ -485,15 +487,21 @@ def priors_loss(guidances: Sequence[Guidance], imgs: torch.Tensor, views: Sequen
             continue
         shown[g.name] = shown.get(g.name, 0) + len(idx)
         sub = imgs[idx] if len(idx) < len(views) else imgs
-        loss = loss + g.weight * guidance_loss(g, sub, [views[i] for i in idx], frac, s, gen)
+        al = None if align is None else (lambda a, b, idx=idx: align(a, b, idx))
+        loss = loss + g.weight * guidance_loss(g, sub, [views[i] for i in idx], frac, s, gen, al)
     return loss
 
 
-def guidance_loss(g: Guidance, imgs: torch.Tensor, views: Sequence[View], frac: float, s, gen: torch.Generator) -> torch.Tensor:
+def guidance_loss(g: Guidance, imgs: torch.Tensor, views: Sequence[View], frac: float, s, gen: torch.Generator,
+                  align: Callable | None = None) -> torch.Tensor:
     """The prior's loss on renders ``imgs`` [B,3,H,W] at ``views``, ``frac`` of the way through
     the schedule. ``s`` names the rule and schedule: ``update``, ``t_range``, ``t_final_max``,
     ``sdedit_t``, ``sdedit_steps`` (:class:`RefineSettings`, or the Gaussians' distillation
-    settings)."""
+    settings). ``align(answer, current)`` registers the prior's answer (its estimate of the
+    clean image, in the space it works in) to the current one before the gradient is formed;
+    score distillation's gradient ``w (eps_hat - eps)`` is ``sqrt(abar (1 - abar)) (x0 - x0_hat)``,
+    so registering ``x0_hat`` is registering the gradient (classifier score distillation has
+    no answer to register)."""
     ac = g.alphas_cumprod
     n_t = len(ac)
     b = imgs.shape[0]
@@ -501,6 +509,8 @@ def guidance_loss(g: Guidance, imgs: torch.Tensor, views: Sequence[View], frac: 
         lo, hi = s.sdedit_t
         t_val = hi - (hi - lo) * frac
         target = sdedit_images(g, imgs.detach(), views, t_val, s.sdedit_steps, gen)  # a constant: no activations kept
+        if align is not None:
+            target = align(target, imgs.detach())
         return F.mse_loss(imgs, target)
     x0 = g.encode(imgs)
     lo, hi = s.t_range
@@ -518,7 +528,11 @@ def guidance_loss(g: Guidance, imgs: torch.Tensor, views: Sequence[View], frac: 
             grad = w * g.guidance_scale * (c - u)
         else:
             e = c if u is None else u + g.guidance_scale * (c - u)
-            grad = w * (e - noise)
+            if align is None:
+                grad = w * (e - noise)
+            else:
+                x0_hat = align(x0 + ((1 - ab) / ab).sqrt() * (noise - e), x0)
+                grad = (ab * (1 - ab)).sqrt() * (x0 - x0_hat)
         grad = torch.nan_to_num(grad)
     target = (x0 - grad).detach()
     return 0.5 * F.mse_loss(x0, target)  # d/dx0 = grad / numel
