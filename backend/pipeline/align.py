@@ -14,7 +14,7 @@ camera change that best explains the answer as a view of the current object, and
 answer is warped back to the asked camera (:func:`register`). What is left is what the
 prior disagrees with: detail, colour, an unseen side. A running mean of the accepted
 changes starts the next registration, so a systematic error is found once and then only
-refined. A registration that does not explain the answer better than none is dropped.
+refined. A registration that leaves 97 % of the residual or more is dropped (``accept``).
 
 Plain tensors in and out: no model, no renderer.
 """
