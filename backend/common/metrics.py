@@ -20,17 +20,23 @@ def _gauss_window(size: int = 11, sigma: float = 1.5, device=None, dtype=torch.f
     return w / w.sum()
 
 
+def gaussian_blur(x: torch.Tensor, sigma: float, size: int | None = None) -> torch.Tensor:
+    """Separable Gaussian blur of images [B,C,H,W] (window ``size``, default 2 ceil(2.5 sigma) + 1;
+    borders reflected)."""
+    if size is None:
+        size = 2 * max(1, math.ceil(2.5 * sigma)) + 1
+    C = x.shape[1]
+    w = _gauss_window(size, sigma, x.device, x.dtype)
+    pad = size // 2
+    x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode="reflect"), w.reshape(1, 1, 1, size).expand(C, 1, 1, size), groups=C)
+    return F.conv2d(F.pad(x, (0, 0, pad, pad), mode="reflect"), w.reshape(1, 1, size, 1).expand(C, 1, size, 1), groups=C)
+
+
 def ssim(a: torch.Tensor, b: torch.Tensor, size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     """Mean SSIM of images [B,C,H,W] in [0,1] (Gaussian window, as in 3DGS)."""
-    C = a.shape[1]
-    w = _gauss_window(size, sigma, a.device, a.dtype)
-    wx = w.reshape(1, 1, 1, size).expand(C, 1, 1, size)
-    wy = w.reshape(1, 1, size, 1).expand(C, 1, size, 1)
-    pad = size // 2
 
     def blur(x):
-        x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode="reflect"), wx, groups=C)
-        return F.conv2d(F.pad(x, (0, 0, pad, pad), mode="reflect"), wy, groups=C)
+        return gaussian_blur(x, sigma, size)
 
     mu_a, mu_b = blur(a), blur(b)
     s_aa = blur(a * a) - mu_a * mu_a

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..common import cameras as cam
+from ..common.metrics import gaussian_blur
 
 PARAMS = ("azimuth_deg", "elevation_deg", "log_distance")
 _STEPS = (0.5, 0.5, 0.005)  # finite-difference steps of the three parameters
@@ -71,19 +72,6 @@ def pose_flows(depth: torch.Tensor, views: Sequence, center) -> torch.Tensor:
     return out
 
 
-def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    if sigma <= 0:
-        return x
-    r = max(1, int(math.ceil(2.5 * sigma)))
-    t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    c = x.shape[1]
-    x = F.pad(x, (r, r, r, r), mode="replicate")
-    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-
-
 def warp(images: torch.Tensor, flows: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """``images`` [B,C,h,w] sampled at each pixel plus ``flows`` [B,3,h,w,2] times ``eps`` [B,3]:
     the answer for a camera moved by ``eps`` brought back to the asked camera."""
@@ -120,7 +108,7 @@ def register(target: torch.Tensor, current: torch.Tensor, flows: torch.Tensor, m
     ``sigma`` pixels. Returns (the warped target, eps, accepted [B] bool, the residual's
     ratio to the unregistered one [B]): a registration whose ratio is not below ``accept`` is
     dropped (eps 0, the target unchanged)."""
-    tb, cb = _blur(target, sigma), _blur(current, sigma)
+    tb, cb = gaussian_blur(target, sigma), gaussian_blur(current, sigma)
     f, reach = extend(flows, mask, max(1, int(round(2 * sigma))))  # no motion far from the surface
     m = reach[:, None].to(target.dtype)
     lim = torch.tensor([max_deg, max_deg, max_log_distance], device=target.device, dtype=target.dtype)
