@@ -255,6 +255,59 @@ def write_outputs(files: dict[str, bytes], mapping: dict[str, str | None]) -> li
     return written
 
 
+MODEL_FORMATS = ("glb", "obj", "ply")
+
+
+def add_format_flag(p, formats=MODEL_FORMATS) -> None:
+    p.add_argument("--format", choices=formats, default=None,
+                   help="glb (the default, or what --out's suffix says) | obj (OBJ + MTL + PNG textures beside it, "
+                   "Y up like the GLB) | ply (the Gaussians as a standard 3DGS .ply, in the GLB's frame)"
+                   if "ply" in formats else "glb (the default, or what --out's suffix says) | obj (OBJ + MTL + PNG "
+                   "textures beside it, Y up like the GLB)")
+
+
+def check_topology(params: dict, fmt: str) -> None:
+    """--topology quad (the job makes twice the budget in triangles and says which pairs to join) needs OBJ."""
+    if params.get("topology") == "quad" and fmt != "obj":
+        raise InputError("--topology quad needs --format obj (or --out NAME.obj): glTF stores triangles only "
+                         "(in Blender, the add-on's Topology setting joins them)")
+
+
+def output_format(args, formats=MODEL_FORMATS) -> str:
+    """--format, else --out's suffix where it names one of ``formats``, else glb."""
+    if getattr(args, "format", None):
+        return args.format
+    suffix = Path(args.out).suffix.lower().lstrip(".")
+    return suffix if suffix in formats else "glb"
+
+
+def write_model(files: dict[str, bytes], out: str, fmt: str) -> list[Path]:
+    """The job's model in the chosen format: the GLB as it came, an OBJ set converted from it
+    (``out`` with the suffix .obj, its MTL and textures in the same folder), or the Gaussians."""
+    if fmt == "glb":
+        return write_outputs(files, {"model.glb": out})
+    if fmt == "ply":
+        return write_outputs(files, {"gaussians.ply": out})
+    if fmt != "obj":
+        raise InputError(f"unknown format {fmt!r}")
+    from .mesh.export import glb_to_obj
+
+    if "model.glb" not in files:
+        raise BackendError(P.ErrorCode.INTERNAL, f"the job returned no 'model.glb' (it returned {sorted(files)})")
+    path = Path(out)
+    path = path.with_suffix(".obj") if path.suffix else path.with_name(path.name + ".obj")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    pairs = None
+    if "quads.json" in files:  # the job's pairs of triangles to join (topology quad)
+        pairs = [json.loads(files["quads.json"].decode("utf-8"))["pairs"]]
+    for name, data in glb_to_obj(files["model.glb"], path.stem, pairs=pairs).items():
+        q = path.with_name(name) if name.endswith((".obj", ".mtl")) else path.parent / name
+        q.write_bytes(data)
+        written.append(q)
+    return written
+
+
 # ---------------------------------------------------------------------------
 # verbs
 
@@ -479,7 +532,8 @@ def _configure_reconstruct(p) -> None:
     from .kinds.reconstruct import SPEC
 
     p.add_argument("transforms", help="NeRF-synthetic transforms.json (views next to it)")
-    p.add_argument("--out", required=True, help="output GLB")
+    p.add_argument("--out", required=True, help="output file (GLB; OBJ or PLY by --format or its suffix)")
+    add_format_flag(p)
     p.add_argument("--ply", default=None, help="also write the Gaussians as a standard 3DGS .ply")
     p.add_argument("--background", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
                    help="background colour (0-1) of views without alpha")
@@ -490,11 +544,13 @@ def _run_reconstruct(args) -> int:
     from .kinds.reconstruct import SPEC, pack_transforms
 
     params = params_from_args(args, SPEC)
-    params["ply"] = bool(args.ply)
+    fmt = output_format(args)
+    check_topology(params, fmt)
+    params["ply"] = bool(args.ply) or fmt == "ply"
     if args.background is not None:
         params["background"] = list(args.background)
     meta, files = run_job(args, "reconstruct", params, pack_transforms(args.transforms))
-    for p in write_outputs(files, {"model.glb": args.out, "gaussians.ply": args.ply}):
+    for p in write_model(files, args.out, fmt) + write_outputs(files, {"gaussians.ply": args.ply}):
         print(p)
     t = meta.get("timings", {})
     print(f"{meta.get('faces')} faces, {meta.get('gaussians')} gaussians, texture {meta.get('texture_size')} px; "
@@ -511,7 +567,8 @@ def _configure_generate(p) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="text prompt (text_to_3d)")
     src.add_argument("--image", help="reference image file (image_to_3d)")
-    p.add_argument("--out", required=True, help="output GLB")
+    p.add_argument("--out", required=True, help="output file (GLB; OBJ or PLY by --format or its suffix)")
+    add_format_flag(p)
     p.add_argument("--reference-out", default=None, help="also write the framed reference image (PNG)")
     add_param_flags(p, TEXT_SPEC, skip=("prompt",))
 
@@ -529,8 +586,11 @@ def _run_generate(args) -> int:
         kind = "image_to_3d"
         params = {k: v for k, v in params_from_args(args, TEXT_SPEC).items() if k not in ("steps", "guidance")}
         atts = [P.Attachment("image", "image/png", path.read_bytes())]
+    fmt = output_format(args)
+    check_topology(params, fmt)
+    params["ply"] = fmt == "ply"
     meta, files = run_job(args, kind, params, atts)
-    for p in write_outputs(files, {"model.glb": args.out, "reference.png": args.reference_out}):
+    for p in write_model(files, args.out, fmt) + write_outputs(files, {"reference.png": args.reference_out}):
         print(p)
     t = meta.get("timings", {})
     print(f"{meta.get('faces')} faces, {meta.get('views')} novel views; "
@@ -545,7 +605,8 @@ def _configure_refine(p) -> None:
     from .kinds.refine import SPEC
 
     p.add_argument("mesh", help="GLB to refine")
-    p.add_argument("--out", required=True, help="output GLB")
+    p.add_argument("--out", required=True, help="output file (GLB; OBJ by --format or its suffix)")
+    add_format_flag(p, ("glb", "obj"))
     p.add_argument("--reference", default=None, help="reference image (PNG/JPEG)")
     p.add_argument("--cameras", default=None, help="scene cameras (JSON, see docs/jobs.md) or a transforms.json")
     add_param_flags(p, SPEC)
@@ -563,8 +624,9 @@ def _run_refine(args) -> int:
         if not path.is_file():
             raise InputError(f"{path} not found")
         atts.append(P.Attachment(name, mime, path.read_bytes()))
+    fmt = output_format(args, ("glb", "obj"))
     meta, files = run_job(args, "refine_texture", params_from_args(args, SPEC), atts)
-    for p in write_outputs(files, {"model.glb": args.out}):
+    for p in write_model(files, args.out, fmt):
         print(p)
     print(f"{meta.get('faces')} faces, UVs from {meta.get('uv_source')}, {meta.get('steps')} steps in "
           f"{meta.get('timings', {}).get('refine', 0):.1f}s")

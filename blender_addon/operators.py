@@ -144,6 +144,15 @@ def generation_params(s) -> dict:
     return params
 
 
+def wire_params(s, params: dict) -> dict:
+    """What is sent: with Topology Quads, ``topology: quad`` (the backend makes twice the face budget in
+    triangles and says which pairs to join)."""
+    out = dict(params)
+    if s.topology == "QUADS":
+        out["topology"] = "quad"
+    return out
+
+
 def _apply_generated(place, label):
     def apply(ev):
         place.info.update({"job": ev.job, "metadata": ev.metadata})
@@ -191,9 +200,10 @@ class GEN3D_OT_generate_from_text(_JobOperator, bpy.types.Operator):
         conn = _connection_or_report(self, context, job)
         if conn is None:
             return {"CANCELLED"}
-        job.params = dict(generation_params(s), prompt=prompt)
+        job.params = wire_params(s, dict(generation_params(s), prompt=prompt))
         place = scene_io.placement(context, "gen3d_" + scene_io.slug(prompt),
-                                   {"kind": job.kind, "prompt": prompt, **generation_params(s)}, s.height)
+                                   {"kind": job.kind, "prompt": prompt, **generation_params(s)}, s.height,
+                                   s.topology == "QUADS")
         job.apply = _apply_generated(place, job.label)
         return submit_job(self, job, conn)
 
@@ -224,10 +234,11 @@ class GEN3D_OT_image_to_3d(_JobOperator, bpy.types.Operator):
         params["reference_elevation"] = float(math.degrees(s.reference_elevation))
         if s.prompt.strip():
             params["prompt"] = s.prompt.strip()
-        job.params = params
+        job.params = wire_params(s, params)
         job.attachments = [P.Attachment("image", "image/png", png)]
         place = scene_io.placement(context, "gen3d_" + scene_io.slug(bpy.path.display_name(image.name)),
-                                   {"kind": job.kind, "image": image.name, **params}, s.height)
+                                   {"kind": job.kind, "image": image.name, **params}, s.height,
+                                   s.topology == "QUADS")
         job.apply = _apply_generated(place, job.label)
         job.message = f"Reference: {source}"
         return submit_job(self, job, conn)

@@ -16,6 +16,11 @@ MATERIAL_ITEMS = (
                    "material words, e.g. 'steel' or 'wooden')"),
     ("albedo", "Albedo Only", "The base colour alone, on a plain rough dielectric"),
 )
+TOPOLOGY_ITEMS = (
+    ("TRIS", "Triangles", "The mesh as the backend makes it"),
+    ("QUADS", "Quads", "Quad-dominant at the face budget: the backend makes twice the budget in triangles and "
+                       "says which pairs to join (never across a UV seam, so the texture stays as baked)"),
+)
 CAMERA_ITEMS = (
     ("NONE", "None", "Let the backend choose the views"),
     ("ALL", "All Cameras", "Send every perspective camera of the scene"),
@@ -31,7 +36,10 @@ class GEN3D_SceneSettings(bpy.types.PropertyGroup):
     quality: EnumProperty(name="Quality", items=QUALITY_ITEMS, default="standard",
                           description="Sets the backend's step counts")
     faces: IntProperty(name="Face Budget", default=20000, min=500, max=1_000_000,
-                       description="Number of triangles of the generated mesh, at most")
+                       description="Number of faces of the generated mesh, at most (triangles, or quads with "
+                                   "Topology: Quads)")
+    topology: EnumProperty(name="Topology", items=TOPOLOGY_ITEMS, default="TRIS",
+                           description="Triangles, or a quad-dominant mesh for editing")
     texture_size: EnumProperty(name="Texture Size", items=TEXTURE_ITEMS, default="1024",
                                description="Size of the generated texture")
     material: EnumProperty(name="Material", items=MATERIAL_ITEMS, default="pbr",

@@ -272,6 +272,7 @@ class Placement:
     base_name: str
     info: dict
     height: float = 0.0  # the object's height in scene units, standing on the location (0: as the GLB has it)
+    quads: bool = False  # join the imported triangles into quads (Blender's Tris to Quads)
 
 
 def facing_angle(cursor, camera_location) -> float:
@@ -285,14 +286,44 @@ def facing_angle(cursor, camera_location) -> float:
     return math.atan2(dx, -dy)  # R(a) @ (0, -1) = (sin a, -cos a) = (dx, dy) / |.|
 
 
-def placement(context, base_name: str, info: dict, height: float = 0.0) -> Placement:
+def placement(context, base_name: str, info: dict, height: float = 0.0, quads: bool = False) -> Placement:
     scene = context.scene
     cursor = tuple(scene.cursor.location)
     cam = scene.camera
     angle = facing_angle(cursor, tuple(cam.matrix_world.translation) if cam is not None else None)
     coll = context.view_layer.active_layer_collection.collection
     coll_name = None if coll == scene.collection else coll.name
-    return Placement(scene.name, context.view_layer.name, coll_name, cursor, angle, base_name, info, float(height))
+    return Placement(scene.name, context.view_layer.name, coll_name, cursor, angle, base_name, info, float(height),
+                     bool(quads))
+
+
+def join_quads(mesh, pairs) -> tuple[int, int]:
+    """Join the triangle pairs the backend chose (``quads.json``: indices into the GLB's
+    triangles, which Blender's glTF importer keeps in order) on ``mesh`` (a bpy Mesh). A pair
+    that does not share an edge here is left as two triangles. Returns (quads, faces)."""
+    import bmesh
+
+    bm = bmesh.new()
+    try:
+        bm.from_mesh(mesh)
+        bm.faces.ensure_lookup_table()
+        faces = list(bm.faces)
+        joined = 0
+        for i, j in pairs:
+            if not (0 <= i < len(faces) and 0 <= j < len(faces)):
+                continue
+            a, b = faces[i], faces[j]
+            if not (a.is_valid and b.is_valid and len(a.verts) == 3 and len(b.verts) == 3):
+                continue
+            if not set(a.edges) & set(b.edges):
+                continue
+            if bmesh.utils.face_join([a, b], True) is not None:
+                joined += 1
+        bm.to_mesh(mesh)
+    finally:
+        bm.free()
+    mesh.update()
+    return sum(1 for p in mesh.polygons if p.loop_total == 4), len(mesh.polygons)
 
 
 def _world_bounds(objects) -> tuple[tuple, tuple] | None:
@@ -353,6 +384,17 @@ def _result_glb(ev) -> bytes:
     if data is None:
         raise RuntimeError("the backend's result holds no model.glb")
     return data
+
+
+def _result_quads(ev) -> dict | None:
+    data = (getattr(ev, "attachments", None) or {}).get("quads.json")
+    if not data:
+        return None
+    try:
+        out = json.loads(data.decode("utf-8"))
+    except ValueError:
+        return None
+    return out if isinstance(out, dict) else None
 
 
 def _write_temp(tmpdir: str, data: bytes, suffix: str) -> str:
@@ -431,6 +473,14 @@ def import_generated(ev, place: Placement, tmpdir: str) -> tuple[str, list[str]]
             o.matrix_world = place_m @ base @ o.matrix_world
     if place.height > 0:
         place.info["height"] = place.height
+    quads = _result_quads(ev) if place.quads else None
+    if quads is not None and len(meshes) == 1 and meshes[0].data.users == 1 \
+            and len(meshes[0].data.polygons) == quads.get("triangles"):
+        q, _ = join_quads(meshes[0].data, quads.get("pairs", []))
+        place.info["topology"] = "quads"
+        place.info["quads"] = q
+    elif place.quads:
+        place.info["topology"] = "triangles (the backend sent no quads)"
     for i, o in enumerate(roots):
         o.name = place.base_name if len(roots) == 1 else f"{place.base_name}.{i:03d}"
         _custom_properties(o, place.info)

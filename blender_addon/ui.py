@@ -141,6 +141,7 @@ def _draw_generation_settings(layout, s, idname: str) -> None:
         body.prop(s, "quality")
         body.prop(s, "height")
         body.prop(s, "faces")
+        body.prop(s, "topology")
         body.prop(s, "texture_size")
         body.prop(s, "material")
         body.prop(s, "refine")

@@ -109,7 +109,15 @@ def _generated_mesh(seed: int, faces_budget: int, material: str = "pbr"):
     flat = np.broadcast_to(np.float32([0.5, 0.5, 1.0]), (16, 16, 3)).copy() if pbr else None
     mesh = TexturedMesh(verts, faces, uv, _texture(seed), normals=verts.copy(), name="gen3d", normal_map=flat,
                         metallic=0.0, roughness=0.8 if pbr else 1.0)
-    return write_glb(mesh), len(faces)
+    return write_glb(mesh), len(faces), mesh
+
+
+def _with_quads(files: list, mesh, p: dict, meta: dict) -> list:
+    from backend.kinds.material import quads_attachment
+
+    att, extra = quads_attachment(mesh, p)
+    meta.update(extra)
+    return files + ([att] if att is not None else [])
 
 
 def _t2i(inputs, ctx):
@@ -118,12 +126,13 @@ def _t2i(inputs, ctx):
 
     p = inputs.params
     _run_stages(ctx, GEN_STAGES)
-    data, nf = _generated_mesh(p["seed"], p["faces"], p["material"])
+    data, nf, mesh = _generated_mesh(p["seed"], p["faces"], p["material"])
     meta = {"front": [0, -1, 0], "up": [0, 0, 1], "radius": 1.0, "faces": nf, "prompt": p["prompt"],
             "seed": p["seed"], "quality": p["quality"], "texture_size": p["texture_size"], "refine": p["refine"],
             "stub": True}
-    return JobOutput([Attachment("model.glb", "model/gltf-binary", data),
-                      Attachment("reference.png", "image/png", _png(np.full((16, 16, 3), 128, np.uint8)))], meta)
+    files = [Attachment("model.glb", "model/gltf-binary", data),
+             Attachment("reference.png", "image/png", _png(np.full((16, 16, 3), 128, np.uint8)))]
+    return JobOutput(_with_quads(files, mesh, p, meta), meta)
 
 
 def _i2t(inputs, ctx):
@@ -137,11 +146,11 @@ def _i2t(inputs, ctx):
     im.load()
     arr = np.asarray(im)
     _run_stages(ctx, ("segment",) + GEN_STAGES[2:], preview_stages=("segment", "novel_views"))
-    data, nf = _generated_mesh(p["seed"], p["faces"], p["material"])
+    data, nf, mesh = _generated_mesh(p["seed"], p["faces"], p["material"])
     meta = {"front": [0, -1, 0], "up": [0, 0, 1], "radius": 1.0, "faces": nf, "image_size": list(im.size),
             "image_mode": im.mode, "image_mean": [float(x) for x in arr.reshape(-1, arr.shape[-1]).mean(0)],
             "reference_elevation": p["reference_elevation"], "prompt": p["prompt"], "stub": True}
-    return JobOutput([Attachment("model.glb", "model/gltf-binary", data)], meta)
+    return JobOutput(_with_quads([Attachment("model.glb", "model/gltf-binary", data)], mesh, p, meta), meta)
 
 
 def _refine(inputs, ctx):
@@ -192,6 +201,7 @@ def stub_specs():
         Param("reference_elevation", float, 0.0, min=-90.0, max=90.0), Param("refine", bool, True),
         Param("refine_steps", int, 0, min=0), Param("material", str, "pbr", choices=("pbr", "albedo")),
         Param("metallic", float, -1.0, min=-1.0, max=1.0), Param("roughness", float, -1.0, min=-1.0, max=1.0),
+        Param("topology", str, "tri", choices=("tri", "quad")),
     )
     return [
         JobSpec("text_to_3d", "stand-in: textured icosphere", _t2i, params=(Param("prompt", str, ""),) + gen,

@@ -319,9 +319,17 @@ img2.pixels.foreach_set(np.full(40 * 40 * 4, 0.25, np.float32))
 bpy.ops.object.empty_add(type="IMAGE", location=(5, 5, 0))
 empty = bpy.context.active_object
 empty.data = img2
+s.topology = "QUADS"
+s.faces = 600
 res = bpy.ops.gen3d.image_to_3d()
 obj = bpy.context.view_layer.objects.active
-out["second"] = dict(result=sorted(res), name=obj.name, info=json.loads(obj.get("gen3d", "{}")))
+sizes = [p.loop_total for p in obj.data.polygons]
+uv = obj.data.uv_layers.active.data
+texels = sorted({(round(obj.data.vertices[l.vertex_index].co.x, 4), round(obj.data.vertices[l.vertex_index].co.y, 4),
+                  round(obj.data.vertices[l.vertex_index].co.z, 4), round(uv[i].uv[0], 4), round(uv[i].uv[1], 4))
+                 for i, l in enumerate(obj.data.loops)})
+out["second"] = dict(result=sorted(res), name=obj.name, info=json.loads(obj.get("gen3d", "{}")), sizes=sizes,
+                     corners=len(texels), triangles=sum(n - 2 for n in sizes))
 emit(**out)
 '''
 
@@ -334,6 +342,18 @@ def test_image_to_3d_sends_the_reference_image_pixels(blender, backend_server):
     assert first["name"].startswith("gen3d_reference")
     assert second["result"] == ["FINISHED"] and second["name"].startswith("gen3d_empty_image")
     assert first["info"]["image"] == "reference" and second["info"]["image"] == "empty_image"
+    # the second asked for quads at a budget of 600: up to 1200 triangles made, joined in the backend's pairs
+    sizes = np.array(second["sizes"])
+    assert second["info"]["topology"] == "quads" and second["info"]["faces"] == 600
+    assert set(sizes) <= {3, 4} and second["info"]["quads"] == (sizes == 4).sum()
+    meta = second["info"]["metadata"]
+    made = meta["faces"]
+    assert second["triangles"] == made and made <= 1200  # every triangle kept, none re-cut
+    assert meta["quads"] == (sizes == 4).sum() and meta["polygons"] == len(sizes)  # every pair joined
+    print(f"quads: {made} triangles -> {len(sizes)} faces, {(sizes == 4).mean():.2f} quads")
+    assert (sizes == 4).sum() > 0
+    if stub:  # the stand-in's icosphere has few UV seams: nearly all of it pairs
+        assert (sizes == 4).mean() >= 0.8
     if stub:
         m1, m2 = first["info"]["metadata"], second["info"]["metadata"]
         assert m1["image_size"] == [64, 48] and m1["image_mode"] == "RGBA"

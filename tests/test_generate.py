@@ -325,6 +325,10 @@ def test_generate_jobs_on_the_server(tmp_path, tiny_store):
 
 
 def test_cli_generate_from_text_and_image(tmp_path, gt_data):
+    import argparse
+
+    from backend.cli import output_format, write_model
+    from backend.gaussians.model import load_ply
     from backend.mesh.gltf import read_glb
     from evaluation.blender_check import check_glb
 
@@ -344,6 +348,22 @@ def test_cli_generate_from_text_and_image(tmp_path, gt_data):
         rep = check_glb(tmp_path / name, tmp_path / f"{name}.json")
         assert rep["objects"][0]["materials"][0]["base_color_linked_image"]  # Blender shows it textured
         assert max(abs(x) for x in rep["bbox_min"] + rep["bbox_max"]) <= 1.0 + 1e-4
+    # the same job as a 3DGS .ply (the Gaussians, in the GLB's normalised frame) and as OBJ + MTL + PNG
+    r = subprocess.run([sys.executable, "-m", "backend", "generate", "--image", str(ref), "--out", str(tmp_path / "i.ply"),
+                        *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    g = load_ply(tmp_path / "i.ply")
+    opaque = g.means[g.opacities.reshape(-1) > 0.5].detach().numpy()
+    verts = read_glb((tmp_path / "i.glb").read_bytes())[0].world_vertices()
+    assert len(opaque) > 50
+    lo, hi = verts.min(0) - 0.1, verts.max(0) + 0.1  # same place: mostly inside the mesh's box (a 40-step fit
+    assert (((opaque >= lo) & (opaque <= hi)).all(1)).mean() >= 0.7  # keeps floaters; measured 0.80)
+    assert np.quantile(np.linalg.norm(opaque, axis=1), 0.95) < 1.1  # and the same scale
+    assert np.quantile(np.linalg.norm(opaque, axis=1), 0.95) > 0.5
+    written = write_model({"model.glb": (tmp_path / "i.glb").read_bytes()}, str(tmp_path / "obj" / "i"), "obj")
+    assert {p.name for p in written} >= {"i.obj", "i.mtl"} and any(p.name.endswith("_basecolor.png") for p in written)
+    assert output_format(argparse.Namespace(format=None, out="x.OBJ")) == "obj"
+    assert output_format(argparse.Namespace(format=None, out="x.png")) == "glb"
     r = subprocess.run([sys.executable, "-m", "backend", "generate", "--image", str(tmp_path / "nope.png"), "--out", "x.glb"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "not found" in r.stderr

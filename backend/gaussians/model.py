@@ -69,6 +69,15 @@ class Gaussians:
     def detach(self) -> "Gaussians":
         return Gaussians({k: v.detach().clone() for k, v in self.params.items()}, self.sh_degree)
 
+    def moved(self, center, scale: float) -> "Gaussians":
+        """The Gaussians under ``x -> (x - center) * scale`` (a mesh's normalisation):
+        means moved, sizes scaled, orientations and colours kept."""
+        p = {k: v.detach().clone() for k, v in self.params.items()}
+        c = torch.as_tensor(np.asarray(center, np.float64), dtype=p["means"].dtype, device=p["means"].device)
+        p["means"] = (p["means"] - c) * float(scale)
+        p["scales"] = p["scales"] + math.log(float(scale))
+        return Gaussians(p, self.sh_degree)
+
     # activated values
     @property
     def means(self) -> torch.Tensor:
@@ -119,7 +128,13 @@ class Gaussians:
 
 
 def save_ply(g: Gaussians, path) -> None:
-    """Write the Gaussians as a standard 3DGS ``.ply`` (binary little endian):
+    """Write :func:`ply_bytes` to ``path``."""
+    with open(path, "wb") as fh:
+        fh.write(ply_bytes(g))
+
+
+def ply_bytes(g: Gaussians) -> bytes:
+    """The Gaussians as a standard 3DGS ``.ply`` (binary little endian):
     x y z nx ny nz f_dc_0..2 f_rest_0..44 opacity scale_0..2 rot_0..3, the
     layout common splat viewers read (degree-3 slots, zero where unused).
     Coordinates are the project's world frame (Z up)."""
@@ -139,9 +154,7 @@ def save_ply(g: Gaussians, path) -> None:
              + ["opacity"] + [f"scale_{i}" for i in range(3)] + [f"rot_{i}" for i in range(4)])
     header = "ply\nformat binary_little_endian 1.0\n" + f"element vertex {n}\n"
     header += "".join(f"property float {nm}\n" for nm in names) + "end_header\n"
-    with open(path, "wb") as fh:
-        fh.write(header.encode("ascii"))
-        fh.write(data.tobytes())
+    return header.encode("ascii") + data.tobytes()
 
 
 def load_ply(path, sh_degree: int | None = None) -> Gaussians:

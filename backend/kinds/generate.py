@@ -11,12 +11,13 @@ from gen3d_wire.protocol import Attachment
 
 from ..common.dataset import decode_image, encode_png
 from ..common.progress import Progress
+from ..gaussians.model import ply_bytes
 from ..mesh.gltf import write_glb
 from ..pipeline.generate import QUALITY, GenerateResult, GenerateSettings, image_to_3d, text_to_image
 from ..pipeline.novel_views import Zero123Views, on_white
 from ..pipeline.sds import Zero123Guidance
 from ..service.jobs import AttachmentSpec, InputError, JobContext, JobInputs, JobOutput, JobSpec, Param
-from .material import MATERIAL, apply_material
+from .material import MATERIAL, TOPOLOGY, apply_material, quads_attachment, triangle_budget
 
 
 def _device_kind(device: str) -> str:
@@ -52,7 +53,7 @@ def settings_from_params(p: dict, device: str) -> GenerateSettings:
     updates = p.get("view_updates", -1)
     s.view_updates = q["view_updates"] if updates is None or updates < 0 else updates
     s.reconstruct.train.seed = p["seed"]
-    s.reconstruct.mesh.clean.target_faces = p["faces"]
+    s.reconstruct.mesh.clean.target_faces = triangle_budget(p)
     s.reconstruct.bake.texture_size = pick("texture_size", q["texture_size"])
     apply_material(s.reconstruct.bake, p)
     s.reconstruct.name = "gen3d"
@@ -78,7 +79,8 @@ COMMON = (
     Param("reference_elevation", float, 0.0, "elevation (degrees) of the camera that saw the reference", min=-60.0, max=80.0),
     Param("refine", bool, True, "finish with SDS texture refinement"),
     Param("refine_steps", int, 0, "texture refinement steps (0: by quality)", min=0, max=10000),
-) + MATERIAL
+    Param("ply", bool, False, "also return the Gaussians as gaussians.ply (the GLB's frame)", cli=False),
+) + MATERIAL + TOPOLOGY
 T2I = (
     Param("prompt", str, "", "what to make"),
     Param("negative_prompt", str, "", "what to avoid"),
@@ -98,10 +100,15 @@ def _models(ctx: JobContext):
     return ctx.models
 
 
-def _finish(result: GenerateResult, extra: dict) -> JobOutput:
+def _finish(result: GenerateResult, extra: dict, p: dict) -> JobOutput:
     files = [Attachment("model.glb", "model/gltf-binary", write_glb(result.mesh)),
              Attachment("reference.png", "image/png", encode_png(result.reference))]
-    extra = dict(extra)
+    if p.get("ply") and result.gaussians is not None:
+        files.append(Attachment("gaussians.ply", "application/octet-stream", ply_bytes(result.gaussians)))
+    quads, quad_meta = quads_attachment(result.mesh, p)
+    if quads is not None:
+        files.append(quads)
+    extra = {**extra, **quad_meta}
     timings = {"text_to_image": extra.pop("text_to_image_seconds")} if "text_to_image_seconds" in extra else {}
     meta = {**result.stats, **extra, "normalization": result.normalization, "timings": {**timings, **result.timings}}
     return JobOutput(files, meta)
@@ -122,7 +129,7 @@ def _generate(inputs: JobInputs, ctx: JobContext, image: np.ndarray, prompt: str
     gen = Zero123Views(models.zero123(), s.view_steps, s.view_guidance, s.seed)
     refiner = _refiner(inputs, ctx, prompt, s) if s.refine else None
     result = image_to_3d(image, gen, s, ctx.device, progress, refiner, zero123_prior(models))
-    return _finish(result, {**extra, "material": apply_material(s.reconstruct.bake, inputs.params)})
+    return _finish(result, {**extra, "material": apply_material(s.reconstruct.bake, inputs.params)}, inputs.params)
 
 
 def zero123_prior(models, guidance_scale: float = 5.0):

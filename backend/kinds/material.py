@@ -15,6 +15,34 @@ MATERIAL = (
 )
 
 
+TOPOLOGY = (
+    Param("topology", str, "tri", "tri | quad: a quad-dominant mesh at the face budget (twice the budget in "
+          "triangles, with the pairs to join returned as quads.json; glTF stores triangles)", choices=("tri", "quad")),
+)
+
+
+def triangle_budget(p: dict) -> int:
+    """The triangles to make for the request's ``faces`` and ``topology``."""
+    return int(p["faces"]) * (2 if p.get("topology") == "quad" else 1)
+
+
+def quads_attachment(mesh, p: dict):
+    """``quads.json`` ({"triangles": F, "pairs": [[i, j], ...]}) for a quad request, else None."""
+    if p.get("topology") != "quad":
+        return None, {}
+    import json
+
+    from gen3d_wire.protocol import Attachment
+
+    from ..mesh.quads import quad_pairs
+
+    pairs = quad_pairs(mesh.vertices, mesh.faces)
+    n = int(len(mesh.faces))
+    data = json.dumps({"triangles": n, "pairs": pairs.tolist()}).encode()
+    return Attachment("quads.json", "application/json", data), {"topology": "quad", "quads": int(len(pairs)),
+                                                                 "polygons": n - int(len(pairs))}
+
+
 def apply_material(bake: BakeSettings, p: dict) -> dict:
     """The request's ``material``, ``metallic`` and ``roughness`` (and the prompt's material
     words) on the bake settings; returns what was chosen, for the job's metadata."""

@@ -9,11 +9,11 @@ from pathlib import Path
 from gen3d_wire.protocol import Attachment
 
 from ..common.dataset import views_from_meta
-from ..gaussians.model import save_ply
+from ..gaussians.model import ply_bytes
 from ..mesh.gltf import write_glb
 from ..pipeline.reconstruct import ReconstructSettings, reconstruct
 from ..service.jobs import AttachmentSpec, InputError, JobContext, JobInputs, JobOutput, JobSpec, Param
-from .material import MATERIAL, apply_material
+from .material import MATERIAL, TOPOLOGY, apply_material, quads_attachment, triangle_budget
 
 
 def _check_background(v):
@@ -27,7 +27,7 @@ def settings_from_params(p: dict) -> ReconstructSettings:
     s.train.iterations = p["iterations"]
     s.train.seed = p["seed"]
     s.resolution = p["resolution"]
-    s.mesh.clean.target_faces = p["faces"]
+    s.mesh.clean.target_faces = triangle_budget(p)
     s.bake.texture_size = p["texture_size"]
     s.mesh.grid_resolution = p["grid_resolution"]
     apply_material(s.bake, p)
@@ -40,7 +40,7 @@ COMMON_PARAMS = (
     Param("texture_size", int, 1024, "texture size in pixels", min=64, max=8192),
     Param("seed", int, 0, "random seed", min=0, max=2**31 - 1),
     Param("grid_resolution", int, 128, "density grid resolution for mesh extraction", min=32, max=512),
-) + MATERIAL
+) + MATERIAL + TOPOLOGY
 
 
 def _handle(inputs: JobInputs, ctx: JobContext) -> JobOutput:
@@ -59,14 +59,13 @@ def _handle(inputs: JobInputs, ctx: JobContext) -> JobOutput:
     result = reconstruct(views, settings, ctx.device, ctx.progress)
     out = [Attachment("model.glb", "model/gltf-binary", write_glb(result.mesh))]
     if p["ply"]:
-        import tempfile
-
-        with tempfile.NamedTemporaryFile(suffix=".ply") as fh:
-            save_ply(result.gaussians, fh.name)
-            out.append(Attachment("gaussians.ply", "application/octet-stream", Path(fh.name).read_bytes()))
+        out.append(Attachment("gaussians.ply", "application/octet-stream", ply_bytes(result.gaussians)))
+    quads, quad_meta = quads_attachment(result.mesh, p)
+    if quads is not None:
+        out.append(quads)
     material = {"kind": "pbr" if settings.bake.normal_map else "albedo", "metallic": settings.bake.metallic,
                 "roughness": settings.bake.roughness, "normal_map": settings.bake.normal_map}
-    return JobOutput(out, {**result.stats, "material": material, "timings": result.timings})
+    return JobOutput(out, {**result.stats, **quad_meta, "material": material, "timings": result.timings})
 
 
 SPEC = JobSpec(

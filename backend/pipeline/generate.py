@@ -25,6 +25,7 @@ from ..common import cameras as cam
 from ..common.dataset import PosedViews, encode_png
 from ..mesh.textured import TexturedMesh
 from ..common.progress import NULL, Progress
+from ..gaussians.model import Gaussians
 from ..gaussians.train import train_gaussians
 from .distill import DistillSettings, distill_gaussians
 from .novel_views import (FOV_DEG, RADIUS, NovelViewGenerator, absolute_pose, contact_sheet, plan_views, prepare_reference,
@@ -90,6 +91,7 @@ class GenerateResult:
     normalization: dict  # center, scale: world = v / scale + center, in the reconstruction's frame
     timings: dict
     stats: dict
+    gaussians: Gaussians | None = None  # the 3D stage's Gaussians in the mesh's normalised frame
 
 
 def rig_camera(elevation: float, azimuth: float, radius: float = RADIUS) -> np.ndarray:
@@ -191,7 +193,8 @@ def image_to_3d(image: np.ndarray, generator: NovelViewGenerator, settings: Gene
     stats = {**rec.stats, **extra, "segmentation": matte.method, "reference_coverage": matte.coverage,
              "reframed": framing["reframed"], "views": len(novel), "view_weights": [round(float(w), 3) for w in views.weights],
              "front": [0.0, -1.0, 0.0], "up": [0.0, 0.0, 1.0], "radius": 1.0}
-    return GenerateResult(mesh, reference, novel_rgba, norm, timings, stats)
+    return GenerateResult(mesh, reference, novel_rgba, norm, timings, stats,
+                          g.moved(norm["center"], norm["scale"]).to("cpu"))
 
 
 def text_to_image(pipe, prompt: str, negative_prompt: str = "", steps: int = 30, guidance: float = 7.5, seed: int = 0,
