@@ -323,3 +323,24 @@ def test_a_binding_view_vetoes_the_hull_outside_its_mask_and_frame():
                     [0.0, -2.5, 0.9]], np.float32)  # in front of the reference, outside its frame
     np.testing.assert_array_equal(inside_hull(pts, views, 0.6, dilate=0), [True, True, True])
     np.testing.assert_array_equal(inside_hull(pts, views, 0.6, dilate=0, binding=(0,)), [True, False, False])
+
+
+def test_moved_gaussians_look_the_same_from_the_moved_camera():
+    """``Gaussians.moved`` (the mesh's normalisation, applied to the PLY a generate job returns)
+    is a similarity: the moved Gaussians seen from the camera moved alike render the same image,
+    and the unmoved ones from that camera do not."""
+    torch.manual_seed(0)
+    g = Gaussians.create(torch.randn(200, 3) * 0.3 + torch.tensor([0.4, -0.2, 0.3]), torch.rand(200, 3), 0.06, 0.8)
+    center, scale = np.array([0.4, -0.2, 0.3]), 2.5
+    c2w = cam.spherical_to_c2w(15.0, 30.0, 3.0, center)
+    moved_c2w = c2w.copy()
+    moved_c2w[:3, 3] = (c2w[:3, 3] - center) * scale
+    k = cam.Intrinsics.from_fov(math.radians(40), 48, 48)
+    a, _, _ = g.render(c2w[None], k)
+    b, _, _ = g.moved(center, scale).render(moved_c2w[None], k)
+    c, _, _ = g.render(moved_c2w[None], k)
+    assert float((a - b).abs().max()) < 1e-3
+    assert float((a - c).abs().mean()) > 0.02
+    m = g.moved(center, scale)
+    np.testing.assert_allclose(m.means.numpy(), (g.means.numpy() - center) * scale, atol=1e-5)
+    np.testing.assert_allclose(m.scales.numpy(), g.scales.numpy() * scale, rtol=1e-5)
