@@ -9,6 +9,12 @@ manifest's ``wheels``:
 * cp311 wheels for Blender 4.2 to 5.0 (Python 3.11),
 * cp312-abi3 wheels, which serve Python 3.13 (Blender 5.1 on).
 
+It also holds the backend itself as a wheel under ``backend_wheel/`` (built
+here with ``pip wheel --no-deps``, a few hundred kB, not listed in the
+manifest: Blender does not install it into its own Python). The add-on's
+"Install Local Backend" installs it into a virtual environment of its own
+(``blender_addon/installer.py``); ``--no-backend-wheel`` leaves it out.
+
 Wheels are fetched once with ``pip download --only-binary=:all: --no-deps``
 into a cache (``~/.cache/gen3d/wheels``, or ``--cache``) and reused; with
 ``--wheels DIR`` nothing is downloaded and the wheels are taken from DIR.
@@ -159,7 +165,23 @@ def addon_files() -> list[tuple[Path, str]]:
     return out
 
 
-def build(out_dir: Path, wheels: dict[str, Path], platforms: list[str], pythons: list[str]) -> Path:
+def build_backend_wheel(out_dir: Path, quiet: bool = False) -> Path:
+    """The backend's wheel (``gen3d-<version>-py3-none-any.whl``), built from this tree without its
+    dependencies (the installer fetches those)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(out_dir), str(ROOT)]
+    if quiet:
+        cmd.insert(4, "-q")
+    res = subprocess.run(cmd, capture_output=quiet, text=True)
+    wheels = sorted(out_dir.glob("gen3d-*.whl"))
+    if res.returncode != 0 or not wheels:
+        detail = (res.stderr or res.stdout or "")[-2000:] if quiet else ""
+        raise SystemExit(f"could not build the backend wheel (pip wheel exited {res.returncode}){detail and ': ' + detail}")
+    return wheels[-1]
+
+
+def build(out_dir: Path, wheels: dict[str, Path], platforms: list[str], pythons: list[str],
+          backend_wheel: Path | None = None) -> Path:
     text = read_manifest()
     check_source_manifest(text)
     version = manifest_field(text, "version")
@@ -176,6 +198,8 @@ def build(out_dir: Path, wheels: dict[str, Path], platforms: list[str], pythons:
                 zf.write(src, arc)
             for name, src in sorted(wheels.items()):
                 zf.write(src, f"wheels/{name}", compress_type=zipfile.ZIP_STORED)
+            if backend_wheel is not None:
+                zf.write(backend_wheel, f"backend_wheel/{backend_wheel.name}", compress_type=zipfile.ZIP_STORED)
         shutil.move(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -192,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="build for this Blender platform only (repeatable; default all)")
     ap.add_argument("--python", action="append", choices=sorted(PYTHON_TAGS), dest="pythons",
                     help="Blender's Python version to bundle wheels for (repeatable; default 3.11 and 3.13)")
+    ap.add_argument("--no-backend-wheel", action="store_true",
+                    help="leave the backend's wheel out (the add-on's installer then has nothing to install)")
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args(argv)
     platforms = [p for p in PLATFORMS if p in (args.platforms or PLATFORMS)]
@@ -201,9 +227,12 @@ def main(argv: list[str] | None = None) -> int:
         wheels = wheels_from_dir(names, Path(args.wheels))
     else:
         wheels = fetch_wheels(names, Path(args.cache) if args.cache else default_cache(), args.quiet)
-    path = build(Path(args.out), wheels, platforms, pythons)
+    with tempfile.TemporaryDirectory() as tmp:
+        backend = None if args.no_backend_wheel else build_backend_wheel(Path(tmp), args.quiet)
+        path = build(Path(args.out), wheels, platforms, pythons, backend)
     if not args.quiet:
-        print(f"built {path} ({path.stat().st_size / 1e6:.1f} MB, {len(wheels)} wheels, platforms: {', '.join(platforms)})")
+        print(f"built {path} ({path.stat().st_size / 1e6:.1f} MB, {len(wheels)} wheels, platforms: {', '.join(platforms)}"
+              f"{', backend ' + backend.name if backend else ''})")
     return 0
 
 

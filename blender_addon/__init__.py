@@ -23,12 +23,29 @@ def register():
     import bpy
 
     from . import operators, props
+    from .history import History
     from .manager import MANAGER
 
     for cls in _classes():
         bpy.utils.register_class(cls)
     props.register_properties()
     MANAGER.notify = operators.notify
+    MANAGER.history = History(history_folder())
+    MANAGER.resume_factory = operators.resume_job
+    MANAGER.on_installed = operators.installed
+
+
+def history_folder() -> str:
+    """``history/`` in the extension's user folder (kept across upgrades); the config folder when the
+    add-on runs as a legacy add-on, which has none."""
+    import os
+
+    import bpy
+
+    try:
+        return bpy.utils.extension_path_user(__package__, path="history", create=True)
+    except (ValueError, TypeError, AttributeError):
+        return os.path.join(bpy.utils.user_resource("CONFIG", path="gen3d", create=True), "history")
 
 
 def unregister():
@@ -37,7 +54,8 @@ def unregister():
     from . import props, ui
     from .manager import MANAGER
 
-    MANAGER.shutdown()  # cancels the job, closes sockets, removes the timer, stops a started backend
+    # cancels the job (one kept in the history runs on), closes sockets, removes the timer, stops a started backend
+    MANAGER.shutdown()
     ui.clear_previews()
     props.unregister_properties()
     for cls in reversed(_classes()):

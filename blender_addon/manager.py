@@ -1,9 +1,11 @@
-"""The add-on's one piece of state: the job in flight, the backend connection,
-an auto-started backend process.
+"""The add-on's one piece of state: the job in flight, the jobs queued behind
+it, the backend connection, an auto-started backend process, the history.
 
 :data:`MANAGER` is a module-level :class:`Manager`. The operators hand it a
-:class:`Job` (what to send, and a callback that applies the result); it walks
-the job through its phases in :meth:`Manager.tick`, which never blocks:
+:class:`Job` (what to send, and a callback that applies the result); a job
+handed in while another runs waits in :attr:`Manager.queue` (``queued``) and
+starts when the one before it ends. It walks the job through its phases in
+:meth:`Manager.tick`, which never blocks:
 
 * ``connecting``: a ``capabilities`` request until the backend answers (this
   also waits for an auto-started backend to come up). Nothing blocks while the
@@ -13,6 +15,15 @@ the job through its phases in :meth:`Manager.tick`, which never blocks:
   stream (progress, previews, the result).
 * ``cancelling``: a cancel was sent; a result that still arrives is dropped,
   so a cancelled job never changes the scene.
+
+A job with a ``history_id`` (text and image to 3D) is written to
+:attr:`Manager.history` (:mod:`.history`): its backend job id when accepted,
+its result files as they arrive (before the import, so a failed import loses
+nothing), its end. A job whose connection is lost, or that still runs when
+the add-on is disabled or Blender quits, is not cancelled: its entry keeps
+the job id, and the next connection to that backend fetches the result into
+the history (:meth:`Manager.fetch_unfinished`, a ``resume_job``: ``fetch``
+with ``watch`` instead of ``submit``).
 
 In Blender's UI a ``bpy.app.timers`` callback (:func:`_timer`) calls ``tick``
 on the main thread, so the result's callback runs on the main thread too. In
@@ -34,7 +45,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
@@ -43,6 +54,7 @@ from .backend_process import BackendProcess
 from .hints import hint_for
 
 IDLE = "idle"
+QUEUED = "queued"
 CONNECTING = "connecting"
 RUNNING = "running"
 CANCELLING = "cancelling"
@@ -105,6 +117,10 @@ class Job:
     preview_serial: int = 0
     started_at: float = 0.0
     starting_backend: bool = False
+    conn: Connection | None = None  # where a queued job goes
+    history_id: str | None = None  # its entry in Manager.history (text and image to 3D)
+    resume_job: str | None = None  # follow this earlier backend job (by id) instead of submitting
+    import_result: bool = True  # False: a fetched result goes into the history only
 
 
 def endpoint_is_local(endpoint: str) -> bool:
@@ -174,11 +190,21 @@ class Manager:
         self._cancel_deadline = 0.0
         self._tmpdir: str | None = None
         self._blocking_now = False
+        self.queue: list[Job] = []  # waiting behind self.job, in order
+        self.history = None  # history.History (set by register): where results are kept
+        # builds the Job that fetches an unfinished history entry (set by register; see fetch_unfinished)
+        self.resume_factory: Callable[[Any, bool], Job] | None = None
+        self.installer = None  # installer.Installer of the local backend, while (and after) it runs
+        self.on_installed: Callable[[Any], None] | None = None  # called on the main thread when it ends well
 
     # ------------------------------------------------------------------ state
     @property
     def busy(self) -> bool:
         return self.job is not None
+
+    def jobs(self) -> list[Job]:
+        """The job in flight, then the queued ones."""
+        return ([self.job] if self.job is not None else []) + list(self.queue)
 
     def is_blocking(self) -> bool:
         if self.blocking is not None:
@@ -220,12 +246,23 @@ class Manager:
 
     # ------------------------------------------------------------------- jobs
     def submit(self, job: Job, conn: Connection) -> None:
-        """Start ``job``; raises RuntimeError when another job runs or the wire code is missing."""
-        if self.job is not None:
-            raise RuntimeError(f"'{self.job.label}' is still running: wait for it or cancel it first")
+        """Start ``job``, or queue it behind the running one. Raises RuntimeError when the wire code
+        is missing, or for a connection test (``kind`` None) while a job runs."""
         wire.require()
+        if self.job is not None:
+            if job.kind is None:
+                raise RuntimeError(f"'{self.job.label}' is still running: wait for it or cancel it first")
+            job.phase, job.stage, job.conn = QUEUED, "queued", conn
+            job.message = f"In the queue: starts after {len(self.queue) + 1} job(s)"
+            self.queue.append(job)
+            _tag_redraw()
+            return
         self.outcome = None
+        self._start(job, conn)
+
+    def _start(self, job: Job, conn: Connection) -> None:
         self._conn = conn
+        job.conn = conn
         job.phase = CONNECTING
         job.started_at = time.monotonic()
         job.stage = "connecting"
@@ -250,8 +287,17 @@ class Manager:
         self._ensure_timer()
         _tag_redraw()
 
-    def cancel(self) -> bool:
-        """Ask the running job to stop. True when there was one."""
+    def cancel(self, job: Job | None = None) -> bool:
+        """Ask the running job (or ``job``, running or queued) to stop. True when there was one."""
+        if job is not None and job in self.queue:
+            self.queue.remove(job)
+            self._forget(job)
+            self._renumber()
+            self.outcome = Outcome("cancelled", job.panel, job.label, "Taken out of the queue before it was sent.")
+            _tag_redraw()
+            return True
+        if job is not None and job is not self.job:
+            return False
         job = self.job
         if job is None:
             return False
@@ -266,8 +312,44 @@ class Manager:
             _tag_redraw()
         return True
 
+    def clear_queue(self) -> int:
+        """Take every queued job out (none was sent). Returns how many."""
+        n = len(self.queue)
+        for job in self.queue:
+            self._forget(job)
+        self.queue.clear()
+        _tag_redraw()
+        return n
+
+    def _renumber(self) -> None:
+        for i, q in enumerate(self.queue):
+            q.message = f"In the queue: starts after {i + 1} job(s)"
+
+    def _forget(self, job: Job) -> None:
+        """The history entry of a job that was never sent goes."""
+        if self.history is not None and job.history_id and not job.resume_job:
+            try:
+                self.history.remove(job.history_id)
+            except OSError:
+                traceback.print_exc()
+
+    def fetch_unfinished(self, conn: Connection, import_result: bool = False) -> int:
+        """Queue a fetch for each history entry sent to ``conn``'s backend whose end was never seen
+        (the connection was lost, or Blender closed). Returns how many were queued."""
+        if self.history is None or self.resume_factory is None:
+            return 0
+        followed = {j.history_id for j in self.jobs() if j.history_id}
+        n = 0
+        for entry in self.history.unfinished():
+            if entry.id in followed or (entry.endpoint and entry.endpoint != conn.endpoint):
+                continue
+            # with the token it was sent with (the preferences' may have changed, or never been saved)
+            self.submit(self.resume_factory(entry, import_result), replace(conn, token=entry.token or conn.token))
+            n += 1
+        return n
+
     def wait(self, timeout: float | None = None) -> Outcome | None:
-        """Tick until the job is over (background mode, scripts, tests)."""
+        """Tick until the job, and those queued behind it, are over (background mode, scripts, tests)."""
         end = None if timeout is None else time.monotonic() + timeout
         self._blocking_now = True
         try:
@@ -281,16 +363,43 @@ class Manager:
             self._blocking_now = False
         return self.outcome
 
+    def installing(self) -> bool:
+        return self.installer is not None and self.installer.state == "running"
+
+    def start_install(self, inst) -> None:
+        """Run ``inst`` (an installer.Installer) from the timer."""
+        if self.installing():
+            raise RuntimeError("the local backend is being installed already")
+        self.installer = inst
+        inst.start()
+        self._ensure_timer()
+        _tag_redraw()
+
+    def _tick_installer(self) -> None:
+        inst = self.installer
+        before = (inst.index, inst.package)
+        state = inst.poll()
+        if state != "running":
+            if state == "done" and self.on_installed is not None:
+                try:
+                    self.on_installed(inst)
+                except Exception:
+                    traceback.print_exc()
+            _tag_redraw()
+        elif (inst.index, inst.package) != before:
+            _tag_redraw()
+
     def tick(self) -> bool:
-        """One non-blocking step. Returns True while a job is in flight."""
+        """One non-blocking step. Returns True while a job is in flight or the installer runs."""
+        if self.installing():
+            self._tick_installer()
         job = self.job
-        if job is None:
-            return False
-        if job.phase == CONNECTING:
-            self._tick_connecting(job)
-        elif job.phase in (RUNNING, CANCELLING):
-            self._tick_running(job)
-        return self.job is not None
+        if job is not None:
+            if job.phase == CONNECTING:
+                self._tick_connecting(job)
+            elif job.phase in (RUNNING, CANCELLING):
+                self._tick_running(job)
+        return self.job is not None or self.installing()
 
     # -------------------------------------------------------------- internals
     def _open_probe(self) -> None:
@@ -344,6 +453,7 @@ class Manager:
         _, C = wire.require()
         if job.kind is None:
             self._close_probe()
+            self.fetch_unfinished(self._conn)  # queued: they start when this connection test ends
             dev = info.get("device", {}) or {}
             name = dev.get("gpu_name") or dev.get("device") or "?"
             self._finish(Outcome("done", job.panel, job.label,
@@ -363,9 +473,17 @@ class Manager:
                                curve=conn.curve, client=probe)
         self._watcher = watcher
         job.phase = RUNNING
-        job.stage = "submitting"
-        job.message = "Sending the job"
-        watcher.start()
+        if job.resume_job:
+            job.job_id = job.resume_job
+            job.stage = "queued"
+            job.message = f"Fetching job {job.resume_job}"
+            watcher.attach(job.resume_job)
+        else:
+            job.stage = "submitting"
+            job.message = "Sending the job"
+            watcher.start()
+        if not job.resume_job:
+            self.fetch_unfinished(conn)  # results that waited for this backend while the add-on was away
         _tag_redraw()
 
     def _tick_running(self, job: Job) -> None:
@@ -375,6 +493,7 @@ class Manager:
             changed = True
             if ev.kind == "accepted":
                 job.job_id = ev.job
+                self._history("accepted", job, ev.job)
                 if job.phase != CANCELLING:
                     job.stage = "queued"
                     job.message = "Waiting for the backend"
@@ -391,6 +510,8 @@ class Manager:
                     self._finish(Outcome("cancelled", job.panel, job.label,
                                          "Cancelled (the result that still arrived was dropped)."))
                 else:
+                    self._history("finished", job, dict(ev.attachments or {}),
+                                  ev.metadata if isinstance(ev.metadata, dict) else {})
                     self._apply(job, ev)
                 return
             elif ev.kind == "error":
@@ -406,13 +527,26 @@ class Manager:
         if changed:
             _tag_redraw()
 
+    def _history(self, what: str, job: Job, *args) -> None:
+        if self.history is None or not job.history_id:
+            return
+        try:
+            getattr(self.history, what)(job.history_id, *args)
+        except OSError:  # a full disk must not lose the job itself
+            traceback.print_exc()
+
     def _apply(self, job: Job, ev) -> None:
+        if not job.import_result:
+            self._finish(Outcome("done", job.panel, job.label,
+                                 "Fetched into the history (Import it from the History panel)."))
+            return
         try:
             summary, names = job.apply(ev) if job.apply else ("Done.", [])
         except Exception as exc:
             traceback.print_exc()
-            self._fail("import_failed", f"Could not use the result: {exc}")
+            self._fail("import_failed", f"Could not use the result: {exc} (it is kept in the history)")
             return
+        self._history("imported", job)
         self._finish(Outcome("done", job.panel, job.label, summary, objects=list(names)))
 
     def _fail(self, code: str | None, message: str | None) -> None:
@@ -421,7 +555,30 @@ class Manager:
         code = code or "job_failed"
         self._finish(Outcome("error", panel, label, message or code, hint_for(code), code))
 
+    def _end_entry(self, job: Job, outcome: Outcome) -> None:
+        """The history entry of a job that ended without a result: gone when the job was never
+        accepted or was cancelled; kept with its job id when the connection was lost (fetched on
+        the next connection); marked failed otherwise."""
+        if self.history is None or not job.history_id or outcome.state == "done":
+            return
+        entry = self.history.get(job.history_id)
+        if entry is None or entry.state == "done":
+            return
+        try:
+            if outcome.code in ("unreachable", "curve") and job.job_id:
+                entry.message = "The connection was lost: the result is fetched when the backend is reached again."
+                self.history.save()
+            elif (outcome.state == "cancelled" or not job.job_id) and not job.resume_job:
+                self.history.remove(job.history_id)
+            else:
+                self.history.ended(job.history_id, "error" if outcome.state == "error" else "cancelled",
+                                   outcome.message)
+        except OSError:
+            traceback.print_exc()
+
     def _finish(self, outcome: Outcome) -> None:
+        if self.job is not None:
+            self._end_entry(self.job, outcome)
         if self._watcher is not None:
             self._watcher.close()
             self._watcher = None
@@ -435,6 +592,10 @@ class Manager:
                 self.notify(outcome)
             except Exception:
                 traceback.print_exc()
+        if self.queue:  # the next one (its outcome replaces this one's only when it ends)
+            nxt = self.queue.pop(0)
+            self._renumber()
+            self._start(nxt, nxt.conn)
         _tag_redraw()
 
     def _ensure_timer(self) -> None:
@@ -445,8 +606,19 @@ class Manager:
             bpy.app.timers.register(_timer, first_interval=TICK_SECONDS, persistent=True)
 
     def shutdown(self) -> None:
-        """Everything the add-on holds: job (cancelled), sockets, timer, backend process, temp files."""
-        if self._watcher is not None and self.job is not None and self.job.job_id and not self._watcher.done:
+        """Everything the add-on holds: job (cancelled, unless the history keeps it: then it runs on and its
+        result is fetched on the next connection), queue, installer (cancelled), sockets, timer, backend
+        process, temp files."""
+        if self.installing():
+            self.installer.cancel()
+        self.installer = None
+        self.on_installed = None
+        self.clear_queue()
+        job = self.job
+        kept = job is not None and job.history_id and job.job_id and self.history is not None
+        if job is not None and job.history_id and not job.job_id:
+            self._forget(job)  # sent, perhaps, but never accepted: nothing to fetch it by
+        if self._watcher is not None and job is not None and job.job_id and not self._watcher.done and not kept:
             try:
                 self._watcher.cancel()  # best effort: do not leave the GPU busy for nobody
             except Exception:
@@ -459,6 +631,8 @@ class Manager:
         self.outcome = None
         self.notify = None
         self.blocking = None
+        self.history = None
+        self.resume_factory = None
         bpy = _bpy()
         if bpy is not None and bpy.app.timers.is_registered(_timer):
             bpy.app.timers.unregister(_timer)

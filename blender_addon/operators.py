@@ -6,14 +6,18 @@ until the result is in the scene, so scripts and tests can drive them.
 """
 
 import math
+import os
+import random
+import time
+from types import SimpleNamespace
 
 import bpy
-from bpy.props import EnumProperty, StringProperty
+from bpy.props import EnumProperty, IntProperty, StringProperty
 
 from . import scene_io, wire
 from .hints import hint_for
 from .manager import MANAGER, Job, Outcome
-from .prefs import connection, get_prefs
+from .prefs import connection, get_prefs, install_log, make_installer
 
 
 # --------------------------------------------------------------------------- reporting
@@ -90,20 +94,34 @@ def undo_push(message: str) -> None:
         pass  # no undo stack (background mode)
 
 
-def submit_job(op, job: Job, conn) -> set:
-    try:
-        job.params.update(extra_params(bpy.context.scene.gen3d, job.kind))
-    except ValueError as exc:
-        return report_outcome(op, job, "error", str(exc), "input")
+def submit_job(op, job: Job, conn, keep: dict | None = None, extras: bool = True) -> set:
+    """Send ``job`` (or queue it). ``keep``: {label, name, image} for a history entry (text and image to 3D),
+    written with the parameters as sent (the scene's Extra Parameters included, unless ``extras`` is off)."""
+    if extras:
+        try:
+            job.params.update(extra_params(bpy.context.scene.gen3d, job.kind))
+        except ValueError as exc:
+            return report_outcome(op, job, "error", str(exc), "input")
+    if keep is not None and MANAGER.history is not None and wire.available():
+        try:
+            entry = MANAGER.history.add(job.kind, keep["label"], job.params, conn.endpoint, keep.get("image"),
+                                        name=keep.get("name", ""), token=conn.token or "")
+            job.history_id = entry.id
+        except OSError as exc:
+            op.report({"WARNING"}, f"The history could not be written ({exc}); the job runs anyway")
+    queued = MANAGER.busy
     try:
         MANAGER.submit(job, conn)
     except RuntimeError as exc:
+        if job.history_id:
+            MANAGER.history.remove(job.history_id)
         return report_outcome(op, job, "error", str(exc), "no_wire" if not wire.available() else "input")
     if MANAGER.job is None:  # ended at once (the backend could not be started)
         return _report_final(op, MANAGER.outcome)
     if MANAGER.is_blocking():
         return _report_final(op, MANAGER.wait())
-    op.report({"INFO"}, f"{job.label}: started (progress in the sidebar, Generate tab)")
+    where = f"queued ({len(MANAGER.queue)} waiting)" if queued else "started"
+    op.report({"INFO"}, f"{job.label}: {where} (progress in the sidebar, Generate tab)")
     return {"FINISHED"}
 
 
@@ -163,6 +181,34 @@ def _apply_generated(place, label):
     return apply
 
 
+PANEL_OF = {"text_to_3d": "TEXT", "image_to_3d": "IMAGE"}
+
+
+def entry_info(entry) -> dict:
+    """The custom properties of an object made from a history entry (as the job's first import set them)."""
+    what = {"image": entry.label} if entry.kind == "image_to_3d" else {"prompt": entry.label}
+    return {"kind": entry.kind, **what, **{k: v for k, v in entry.params.items() if k != "prompt"}}
+
+
+def _place_here(context, entry):
+    """Where an entry's model goes now: the 3D cursor, facing the camera, at the scene's Height setting."""
+    s = context.scene.gen3d
+    return scene_io.placement(context, entry.name or "gen3d_" + scene_io.slug(entry.label), entry_info(entry),
+                              s.height, entry.params.get("topology") == "quad")
+
+
+def resume_job(entry, import_result: bool) -> Job:
+    """The Job that follows (or fetches) an entry whose end was never seen; its result lands where the
+    3D cursor is when it arrives (when ``import_result``) or in the history only."""
+    label = f"Fetch: {entry.label}"
+
+    def apply(ev):
+        return _apply_generated(_place_here(bpy.context, entry), label)(ev)
+
+    return Job(entry.kind, label, PANEL_OF.get(entry.kind, "TEXT"), dict(entry.params), apply=apply,
+               history_id=entry.id, resume_job=entry.job, import_result=import_result)
+
+
 def _apply_refined(target, label):
     def apply(ev):
         target.info.update({"job": ev.job, "metadata": ev.metadata})
@@ -174,11 +220,10 @@ def _apply_refined(target, label):
 
 
 class _JobOperator:
+    """A job operator runs while another job does: its job waits in the queue."""
+
     @classmethod
     def poll(cls, context):
-        if MANAGER.busy:
-            cls.poll_message_set(f"'{MANAGER.job.label}' is running: wait for it or cancel it")
-            return False
         return context.scene is not None
 
 
@@ -201,11 +246,11 @@ class GEN3D_OT_generate_from_text(_JobOperator, bpy.types.Operator):
         if conn is None:
             return {"CANCELLED"}
         job.params = wire_params(s, dict(generation_params(s), prompt=prompt))
-        place = scene_io.placement(context, "gen3d_" + scene_io.slug(prompt),
-                                   {"kind": job.kind, "prompt": prompt, **generation_params(s)}, s.height,
-                                   s.topology == "QUADS")
+        name = "gen3d_" + scene_io.slug(prompt)
+        place = scene_io.placement(context, name, {"kind": job.kind, "prompt": prompt, **generation_params(s)},
+                                   s.height, s.topology == "QUADS")
         job.apply = _apply_generated(place, job.label)
-        return submit_job(self, job, conn)
+        return submit_job(self, job, conn, keep={"label": prompt, "name": name})
 
 
 class GEN3D_OT_image_to_3d(_JobOperator, bpy.types.Operator):
@@ -236,12 +281,12 @@ class GEN3D_OT_image_to_3d(_JobOperator, bpy.types.Operator):
             params["prompt"] = s.prompt.strip()
         job.params = wire_params(s, params)
         job.attachments = [P.Attachment("image", "image/png", png)]
-        place = scene_io.placement(context, "gen3d_" + scene_io.slug(bpy.path.display_name(image.name)),
-                                   {"kind": job.kind, "image": image.name, **params}, s.height,
+        name = "gen3d_" + scene_io.slug(bpy.path.display_name(image.name))
+        place = scene_io.placement(context, name, {"kind": job.kind, "image": image.name, **params}, s.height,
                                    s.topology == "QUADS")
         job.apply = _apply_generated(place, job.label)
         job.message = f"Reference: {source}"
-        return submit_job(self, job, conn)
+        return submit_job(self, job, conn, keep={"label": image.name, "name": name, "image": png})
 
 
 class GEN3D_OT_refine_texture(_JobOperator, bpy.types.Operator):
@@ -298,8 +343,10 @@ class GEN3D_OT_refine_texture(_JobOperator, bpy.types.Operator):
 class GEN3D_OT_cancel(bpy.types.Operator):
     bl_idname = "gen3d.cancel"
     bl_label = "Cancel"
-    bl_description = "Stop the running job; nothing of it is added to the scene"
+    bl_description = "Stop the running job (or take a queued one out of the queue); nothing of it is added to the scene"
     bl_options = {"REGISTER"}
+
+    queue_index: IntProperty(default=-1, description="-1: the running job; 0, 1, ...: that job of the queue")
 
     @classmethod
     def poll(cls, context):
@@ -309,6 +356,14 @@ class GEN3D_OT_cancel(bpy.types.Operator):
         return True
 
     def execute(self, context):
+        if self.queue_index >= 0:
+            if self.queue_index >= len(MANAGER.queue):
+                self.report({"WARNING"}, "That job has left the queue")
+                return {"CANCELLED"}
+            job = MANAGER.queue[self.queue_index]
+            MANAGER.cancel(job)
+            self.report({"INFO"}, f"{job.label}: taken out of the queue")
+            return {"FINISHED"}
         label = MANAGER.job.label
         MANAGER.cancel()
         if MANAGER.is_blocking() and MANAGER.job is not None:
@@ -387,10 +442,214 @@ class GEN3D_OT_stop_backend(bpy.types.Operator):
         return MANAGER.backend is not None
 
     def execute(self, context):
+        MANAGER.clear_queue()
         if MANAGER.job is not None:
             MANAGER.cancel()
         MANAGER.stop_backend()
         self.report({"INFO"}, "Backend stopped")
+        return {"FINISHED"}
+
+
+# -- the history (the Queue & History panel)
+
+
+def _entry_or_report(op, entry_id: str):
+    entry = MANAGER.history.get(entry_id) if MANAGER.history is not None else None
+    if entry is None:
+        op.report({"ERROR"}, "That history entry is gone")
+    return entry
+
+
+class GEN3D_OT_history_import(bpy.types.Operator):
+    bl_idname = "gen3d.history_import"
+    bl_label = "Import Again"
+    bl_description = "Place this result again, at the 3D cursor, facing the camera, at the Height setting"
+    bl_options = {"REGISTER"}
+
+    entry: StringProperty(options={"SKIP_SAVE"})
+
+    def execute(self, context):
+        entry = _entry_or_report(self, self.entry)
+        if entry is None:
+            return {"CANCELLED"}
+        files = MANAGER.history.result(entry.id)
+        if not files:
+            self.report({"ERROR"}, f"The model of '{entry.label}' is not in the history folder (any more)")
+            return {"CANCELLED"}
+        place = _place_here(context, entry)
+        ev = SimpleNamespace(job=entry.job, metadata=dict(entry.metadata), attachments=files)
+        try:
+            summary, names = _apply_generated(place, f"Import {entry.label}")(ev)
+        except Exception as exc:  # a broken file in the history folder, an importer error
+            self.report({"ERROR"}, f"Could not import '{entry.label}': {exc}")
+            return {"CANCELLED"}
+        MANAGER.history.imported(entry.id)
+        self.report({"INFO"}, summary)
+        return {"FINISHED"}
+
+
+class GEN3D_OT_history_regenerate(bpy.types.Operator):
+    bl_idname = "gen3d.history_regenerate"
+    bl_label = "Regenerate with a New Seed"
+    bl_description = "Send this job again with the same settings (and reference image) and a new seed"
+    bl_options = {"REGISTER"}
+
+    entry: StringProperty(options={"SKIP_SAVE"})
+
+    def execute(self, context):
+        entry = _entry_or_report(self, self.entry)
+        if entry is None:
+            return {"CANCELLED"}
+        panel = PANEL_OF.get(entry.kind)
+        job = Job(entry.kind, "Generate from text" if entry.kind == "text_to_3d" else "Image to 3D", panel or "TEXT")
+        if panel is None:
+            return report_outcome(self, job, "error", f"'{entry.kind}' jobs cannot be sent again", "input")
+        attachments = []
+        if entry.kind == "image_to_3d":
+            png = MANAGER.history.read(entry.image)
+            if not png:
+                return report_outcome(self, job, "error", "The reference image of this entry is gone from the "
+                                      "history folder", "input")
+            P, _ = wire.require()
+            attachments = [P.Attachment("image", "image/png", png)]
+        conn = _connection_or_report(self, context, job)
+        if conn is None:
+            return {"CANCELLED"}
+        old = entry.seed
+        seed = random.Random().randrange(2**31 - 1)
+        while seed == old:
+            seed = random.Random().randrange(2**31 - 1)
+        job.params = dict(entry.params, seed=seed)
+        job.attachments = attachments
+        info = dict(entry_info(entry), seed=seed)
+        s = context.scene.gen3d
+        place = scene_io.placement(context, entry.name or "gen3d_" + scene_io.slug(entry.label), info, s.height,
+                                   entry.params.get("topology") == "quad")
+        job.apply = _apply_generated(place, job.label)
+        keep = {"label": entry.label, "name": entry.name, "image": MANAGER.history.read(entry.image)}
+        return submit_job(self, job, conn, keep=keep, extras=False)
+
+
+class GEN3D_OT_history_fetch(bpy.types.Operator):
+    bl_idname = "gen3d.history_fetch"
+    bl_label = "Fetch Results"
+    bl_description = ("Ask the backend for the results of jobs that were still running when Blender closed or the "
+                      "connection dropped, and place them at the 3D cursor")
+    bl_options = {"REGISTER"}
+
+    def execute(self, context):
+        job = Job("text_to_3d", "Fetch results", "HISTORY")
+        if MANAGER.history is None or not MANAGER.history.unfinished():
+            self.report({"INFO"}, "No result is waiting on the backend")
+            return {"CANCELLED"}
+        conn = _connection_or_report(self, context, job)
+        if conn is None:
+            return {"CANCELLED"}
+        n = MANAGER.fetch_unfinished(conn, import_result=True)
+        if n == 0:
+            self.report({"INFO"}, "Those results are being fetched already")
+            return {"CANCELLED"}
+        if MANAGER.is_blocking():
+            return _report_final(self, MANAGER.wait())
+        self.report({"INFO"}, f"Fetching {n} result(s)")
+        return {"FINISHED"}
+
+
+class GEN3D_OT_history_remove(bpy.types.Operator):
+    bl_idname = "gen3d.history_remove"
+    bl_label = "Remove from History"
+    bl_description = "Forget this entry and delete its files (objects already in the scene stay)"
+    bl_options = {"REGISTER"}
+
+    entry: StringProperty(options={"SKIP_SAVE"})
+
+    def execute(self, context):
+        if any(j.history_id == self.entry for j in MANAGER.jobs()):
+            self.report({"WARNING"}, "Its job is still running: cancel it first")
+            return {"CANCELLED"}
+        if _entry_or_report(self, self.entry) is None:
+            return {"CANCELLED"}
+        MANAGER.history.remove(self.entry)
+        _redraw()
+        return {"FINISHED"}
+
+
+# -- the local backend's installer (preferences)
+
+
+def installed(inst) -> None:
+    """The installer ended well: auto-start uses the environment (no Python path to paste)."""
+    prefs = get_prefs()
+    if hasattr(prefs, "bl_rna"):
+        prefs.python_path = ""
+        prefs.auto_start = True
+    MANAGER.stop_backend()  # a backend started from another Python is not the installed one
+
+
+class GEN3D_OT_install_backend(bpy.types.Operator):
+    bl_idname = "gen3d.install_backend"
+    bl_label = "Install Local Backend"
+    bl_description = ("Make a Python environment in the extension's user folder with torch (for this computer's GPU) "
+                      "and the backend; run again to repair or upgrade it. Needs the package index (internet)")
+
+    @classmethod
+    def poll(cls, context):
+        if MANAGER.installing():
+            cls.poll_message_set("The installer is running")
+            return False
+        return True
+
+    def execute(self, context):
+        if not bpy.app.online_access and "--no-index" not in get_prefs(context).pip_args.split():
+            self.report({"ERROR"}, "Blender's online access is off: the installer needs the package index. Allow it "
+                                   "in Preferences > System > Network, or install offline from a wheel folder "
+                                   "(Extra pip Options: --no-index --find-links FOLDER)")
+            return {"CANCELLED"}
+        try:
+            inst = make_installer(get_prefs(context), os.path.dirname(os.path.abspath(__file__)))
+            MANAGER.start_install(inst)
+        except (ValueError, RuntimeError, OSError) as exc:
+            self.report({"ERROR"}, f"Cannot install: {exc}")
+            return {"CANCELLED"}
+        if MANAGER.is_blocking():
+            while MANAGER.installing():
+                MANAGER.tick()
+                time.sleep(0.1)
+            if inst.state != "done":
+                self.report({"ERROR"}, f"{inst.message}: " + " | ".join(inst.log_tail(3)))
+                return {"CANCELLED"}
+        self.report({"INFO"}, "Installing the local backend (progress in the preferences)"
+                    if MANAGER.installing() else inst.message)
+        return {"FINISHED"}
+
+
+class GEN3D_OT_cancel_install(bpy.types.Operator):
+    bl_idname = "gen3d.cancel_install"
+    bl_label = "Cancel Install"
+    bl_description = "Stop the installer (run Install again later to finish it)"
+
+    @classmethod
+    def poll(cls, context):
+        return MANAGER.installing()
+
+    def execute(self, context):
+        MANAGER.installer.cancel()
+        _redraw()
+        self.report({"WARNING"}, MANAGER.installer.message)
+        return {"FINISHED"}
+
+
+class GEN3D_OT_open_install_log(bpy.types.Operator):
+    bl_idname = "gen3d.open_install_log"
+    bl_label = "Open Install Log"
+    bl_description = "Open the installer's log (every command it ran and what pip said)"
+
+    def execute(self, context):
+        path = MANAGER.installer.log_path if MANAGER.installer is not None else install_log()
+        if not os.path.isfile(path):
+            self.report({"ERROR"}, "No install log yet")
+            return {"CANCELLED"}
+        bpy.ops.wm.path_open(filepath=path)
         return {"FINISHED"}
 
 
@@ -407,4 +666,6 @@ def _connect(op, context, force_start: bool):
 
 
 CLASSES = (GEN3D_OT_generate_from_text, GEN3D_OT_image_to_3d, GEN3D_OT_refine_texture, GEN3D_OT_cancel,
-           GEN3D_OT_dismiss, GEN3D_OT_report, GEN3D_OT_test_connection, GEN3D_OT_start_backend, GEN3D_OT_stop_backend)
+           GEN3D_OT_dismiss, GEN3D_OT_report, GEN3D_OT_test_connection, GEN3D_OT_start_backend, GEN3D_OT_stop_backend,
+           GEN3D_OT_history_import, GEN3D_OT_history_regenerate, GEN3D_OT_history_fetch, GEN3D_OT_history_remove,
+           GEN3D_OT_install_backend, GEN3D_OT_cancel_install, GEN3D_OT_open_install_log)

@@ -1,12 +1,13 @@
 """Add-on preferences: where the backend is, how long to wait, encryption keys,
-and an optional backend the add-on starts itself."""
+an optional backend the add-on starts itself, and its installer."""
 
 import os
+import sys
 
 import bpy
-from bpy.props import BoolProperty, FloatProperty, IntProperty, StringProperty
+from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, StringProperty
 
-from . import wire
+from . import installer, wire
 from .manager import MANAGER, AutoStart, Connection, endpoint_is_local
 
 ADDON_ID = __package__
@@ -35,7 +36,8 @@ class GEN3D_AddonPreferences(bpy.types.AddonPreferences):
         description="Start a backend on this computer when a job needs one, and stop it when the add-on is disabled")
     python_path: StringProperty(
         name="Python", subtype="FILE_PATH",
-        description="The Python executable that has the backend installed (e.g. the project's .venv/bin/python)")
+        description="The Python executable that has the backend installed (e.g. the project's .venv/bin/python). "
+                    "Empty: the one Install Local Backend made")
     backend_dir: StringProperty(
         name="Working Folder", subtype="DIR_PATH",
         description="Optional: folder to start the backend in (the source checkout, when it is not pip-installed)")
@@ -46,6 +48,20 @@ class GEN3D_AddonPreferences(bpy.types.AddonPreferences):
     start_timeout: FloatProperty(
         name="Start Timeout", default=180.0, min=5.0, max=3600.0, unit="TIME_ABSOLUTE",
         description="Seconds to wait for the started backend to answer (loading models takes a while)")
+    install_python: StringProperty(
+        name="Base Python", subtype="FILE_PATH",
+        description="The Python the local backend's environment is made from (3.10 or newer). Empty: Blender's own")
+    torch_build: EnumProperty(
+        name="torch Build", default="AUTO",
+        items=(("AUTO", "Automatic", "The CUDA build when an NVIDIA GPU is present, the CPU build otherwise"),
+               ("CUDA", "CUDA (NVIDIA GPU)", "torch built for CUDA 12.6, from download.pytorch.org"),
+               ("CPU", "CPU Only", "torch without GPU support, from download.pytorch.org (small, slow jobs)"),
+               ("INDEX", "Package Index", "Whatever torch build the package index (or pip's configuration) serves: "
+                                          "for mirrors and offline wheel folders")),
+        description="Which build of torch the installer puts into the environment")
+    pip_args: StringProperty(
+        name="Extra pip Options",
+        description="Given to every pip call of the installer, e.g. --index-url URL, --find-links DIR, --proxy URL")
     client_token: StringProperty(
         name="Client Token", subtype="PASSWORD",
         description="Who this Blender is to the backend: jobs are visible only to the token that submitted them. "
@@ -69,6 +85,9 @@ class _Defaults:
     preset = "default"
     port = 5555
     start_timeout = 180.0
+    install_python = ""
+    torch_build = "AUTO"
+    pip_args = ""
 
 
 def get_prefs(context=None):
@@ -105,8 +124,60 @@ def curve_keys(prefs):
         raise ValueError(f"could not read the key file {path!r}: {exc}") from None
 
 
+def env_dir() -> str:
+    """Where Install Local Backend makes its environment: ``backend-env`` in the extension's user folder
+    (kept across upgrades of the extension), the config folder for a legacy add-on."""
+    try:
+        base = bpy.utils.extension_path_user(__package__, create=True)
+    except (ValueError, TypeError, AttributeError):
+        base = bpy.utils.user_resource("CONFIG", path="gen3d", create=True)
+    return os.path.join(base, "backend-env")
+
+
+def install_log() -> str:
+    return env_dir() + "-install.log"
+
+
+def backend_python(prefs) -> str:
+    """The Python auto-start uses: the one in the preferences, else the installed environment's."""
+    if prefs.python_path:
+        return bpy.path.abspath(prefs.python_path)
+    return installer.installed_python(env_dir()) or ""
+
+
+_gpu = None
+
+
+def detected_torch_build() -> str:
+    """What Automatic means on this machine (nvidia-smi is asked once per session)."""
+    global _gpu
+    if _gpu is None:
+        _gpu = installer.has_nvidia_gpu()
+    return "cuda" if _gpu else "cpu"
+
+
+def make_installer(prefs, addon_dir: str) -> installer.Installer:
+    """The installer for the current settings. Raises ValueError when there is nothing to install."""
+    import shlex
+
+    source = installer.backend_source(addon_dir)
+    if source is None:
+        raise ValueError("this add-on has no backend to install (its zip was built with --no-backend-wheel)")
+    python = bpy.path.abspath(prefs.install_python) if prefs.install_python else sys.executable
+    if not os.path.isfile(python):
+        raise ValueError(f"the base Python {python!r} does not exist")
+    choice = prefs.torch_build.lower()
+    build = detected_torch_build() if choice == "auto" else choice
+    try:
+        extra = shlex.split(prefs.pip_args or "")
+    except ValueError as exc:
+        raise ValueError(f"Extra pip Options: {exc}") from None
+    steps = installer.plan(python, env_dir(), source, build, pip_args=extra)
+    return installer.Installer(steps, install_log())
+
+
 def auto_start_spec(prefs) -> AutoStart:
-    return AutoStart(python=bpy.path.abspath(prefs.python_path) if prefs.python_path else "",
+    return AutoStart(python=backend_python(prefs),
                      port=int(prefs.port), preset=prefs.preset.strip() or "default",
                      cwd=bpy.path.abspath(prefs.backend_dir) if prefs.backend_dir else "",
                      start_timeout=float(prefs.start_timeout))
@@ -159,6 +230,8 @@ def draw_preferences(prefs, layout) -> None:
         warn.label(text="Online access is off: remote backends are not contacted.", icon="ERROR")
         warn.label(text="Allow it in Preferences > System > Network.")
 
+    draw_installer(prefs, col.box())
+
     box = col.box()
     box.prop(prefs, "auto_start")
     sub = box.column()
@@ -203,6 +276,51 @@ def draw_preferences(prefs, layout) -> None:
     out = MANAGER.outcome
     if out is not None and out.panel == "PREFS":
         draw_status_lines(box, out)
+
+
+def draw_installer(prefs, box) -> None:
+    box.label(text="Local Backend", icon="PACKAGE")
+    inst = MANAGER.installer
+    py = installer.installed_python(env_dir())
+    if inst is not None and inst.state == installer.RUNNING:
+        n = len(inst.steps)
+        box.progress(factor=float(inst.fraction), type="BAR", text=f"Step {inst.index + 1}/{n}: {inst.step.title}")
+        if inst.package:
+            box.label(text=f"Package: {inst.package}", icon="SORTTIME")
+        row = box.row()
+        row.operator("gen3d.cancel_install", text="Cancel", icon="CANCEL")
+        row.operator("gen3d.open_install_log", text="Open Log", icon="TEXT")
+        return
+    if py:
+        box.label(text=f"Installed: {py}", icon="CHECKMARK")
+        if prefs.python_path:
+            box.label(text="(not used: the Python below is set)", icon="INFO")
+    else:
+        box.label(text="Not installed: Install makes an environment with torch and the backend (a few GB).",
+                  icon="INFO")
+    col = box.column()
+    col.use_property_split = True
+    col.prop(prefs, "install_python")
+    col.prop(prefs, "torch_build")
+    if prefs.torch_build == "AUTO":
+        col.label(text="This computer: " + ("NVIDIA GPU found, CUDA build" if detected_torch_build() == "cuda"
+                                            else "no NVIDIA GPU found, CPU build"))
+    col.prop(prefs, "pip_args")
+    row = box.row()
+    row.scale_y = 1.3
+    row.operator("gen3d.install_backend", text="Repair / Upgrade Local Backend" if py else "Install Local Backend",
+                 icon="IMPORT")
+    if inst is not None and inst.state in (installer.FAILED, installer.CANCELLED):
+        sub = box.column()
+        sub.alert = inst.state == installer.FAILED
+        sub.label(text=inst.message, icon="ERROR" if inst.state == installer.FAILED else "CANCEL")
+        if inst.state == installer.FAILED:
+            for line in inst.log_tail(6):
+                sub.label(text=line[:200])
+    elif inst is not None and inst.state == installer.DONE:
+        box.label(text=f"{inst.message}: Auto-start uses it.", icon="CHECKMARK")
+    if inst is not None or os.path.isfile(install_log()):
+        box.operator("gen3d.open_install_log", text="Open Install Log", icon="TEXT")
 
 
 CLASSES = (GEN3D_AddonPreferences,)

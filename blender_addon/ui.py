@@ -11,7 +11,7 @@ import textwrap
 import bpy
 
 from . import scene_io, wire
-from .manager import CONNECTING, MANAGER
+from .manager import CONNECTING, MANAGER, QUEUED
 
 STAGE_LABELS = {
     "connecting": "Connecting", "starting backend": "Starting backend", "submitting": "Sending",
@@ -62,13 +62,34 @@ def preview_icon(job) -> int:
     return _previews[key].icon_id
 
 
-def clear_previews() -> None:
-    global _previews, _preview_key, _preview_path
-    if _previews is not None:
+_thumbs = None
+
+
+def thumb_icon(entry) -> int:
+    """icon_id of a history entry's thumbnail (0 when it has none)."""
+    global _thumbs
+    path = MANAGER.history.file(entry.thumb) if MANAGER.history is not None else None
+    if path is None:
+        return 0
+    if _thumbs is None:
         import bpy.utils.previews
 
+        _thumbs = bpy.utils.previews.new()
+    key = f"{entry.id}:{entry.thumb}"
+    if key not in _thumbs:
+        _thumbs.load(key, path, "IMAGE")
+    return _thumbs[key].icon_id
+
+
+def clear_previews() -> None:
+    global _previews, _preview_key, _preview_path, _thumbs
+    import bpy.utils.previews
+
+    if _previews is not None:
         bpy.utils.previews.remove(_previews)
-    _previews = _preview_key = _preview_path = None
+    if _thumbs is not None:
+        bpy.utils.previews.remove(_thumbs)
+    _previews = _preview_key = _preview_path = _thumbs = None
 
 
 def image_icon(image) -> int:
@@ -119,17 +140,25 @@ def draw_status(layout, panel: str) -> None:
         if job.preview_png:  # (icon ids are 0 in background mode, where nothing is drawn anyway)
             box.template_icon(icon_value=preview_icon(job), scale=8.0)
         box.operator("gen3d.cancel", text="Cancel", icon="CANCEL")
+        _draw_queued_here(layout, panel)
         return
+    _draw_queued_here(layout, panel)
     out = MANAGER.outcome
     if out is not None and out.panel == panel:
         draw_outcome(layout, out)
 
 
+def _draw_queued_here(layout, panel: str) -> None:
+    n = sum(1 for j in MANAGER.queue if j.panel == panel)
+    if n:
+        layout.label(text=f"{n} more queued (Queue & History panel)", icon="SORTTIME")
+
+
 def _run_button(layout, operator: str, text: str, icon: str) -> None:
     row = layout.row()
     row.scale_y = 1.4
-    row.enabled = not MANAGER.busy
-    row.operator(operator, text=text, icon=icon)
+    # while a job runs, the button queues another one behind it
+    row.operator(operator, text=text + " (Queue)" if MANAGER.busy else text, icon=icon)
 
 
 def _draw_generation_settings(layout, s, idname: str) -> None:
@@ -234,4 +263,93 @@ class GEN3D_PT_refine_texture(_Gen3DPanel, bpy.types.Panel):
         draw_status(layout, "REFINE")
 
 
-CLASSES = (GEN3D_PT_generate_text, GEN3D_PT_image_to_3d, GEN3D_PT_refine_texture)
+def _draw_queue(layout) -> None:
+    jobs = MANAGER.jobs()
+    if not jobs:
+        layout.label(text="No job running", icon="CHECKMARK")
+        return
+    for i, job in enumerate(jobs):
+        box = layout.box()
+        row = box.row()
+        row.label(text=job.label if len(job.label) <= 40 else job.label[:39] + "...",
+                  icon="PLAY" if i == 0 else "SORTTIME")
+        op = row.operator("gen3d.cancel", text="", icon="X")
+        op.queue_index = i - 1  # -1: the running job
+        if job.phase == QUEUED:
+            box.label(text=f"Queued ({i} before it)")
+        elif job.phase == CONNECTING:
+            box.progress(factor=0.0, type="BAR", text=stage_label(job.stage) + "...")
+        else:
+            pct = int(round(100 * job.fraction))
+            box.progress(factor=float(job.fraction), type="BAR", text=f"{stage_label(job.stage)}  {pct}%")
+
+
+def _age(seconds: float) -> str:
+    if seconds < 90:
+        return "just now"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min ago"
+    if seconds < 129600:
+        return f"{seconds / 3600:.0f} h ago"
+    return f"{seconds / 86400:.0f} days ago"
+
+
+def _draw_history(layout, limit: int) -> None:
+    import time
+
+    hist = MANAGER.history
+    if hist is None:
+        return
+    entries = hist.entries()
+    waiting = hist.unfinished()
+    running_ids = {j.history_id for j in MANAGER.jobs() if j.history_id}
+    if any(e.id not in running_ids for e in waiting):
+        box = layout.box()
+        _lines(box, f"{len(waiting)} result(s) may be waiting on the backend (Blender was closed or the "
+                    "connection dropped).", "INFO")
+        box.operator("gen3d.history_fetch", text="Fetch Results", icon="IMPORT")
+    if not entries:
+        layout.label(text="Nothing generated yet", icon="INFO")
+        return
+    now = time.time()
+    for e in entries[:limit]:
+        box = layout.box()
+        row = box.row()
+        if hist.file(e.thumb):  # (icon ids are 0 in background mode, where nothing is drawn anyway)
+            row.template_icon(icon_value=thumb_icon(e), scale=3.0)
+        col = row.column(align=True)
+        what = "Text" if e.kind == "text_to_3d" else "Image"
+        col.label(text=e.label if len(e.label) <= 34 else e.label[:33] + "...",
+                  icon="FONT_DATA" if e.kind == "text_to_3d" else "IMAGE_DATA")
+        p = e.params
+        col.label(text=f"{what} - seed {e.seed} - {p.get('quality', '?')} - {p.get('faces', '?')} faces")
+        state = {"done": f"{e.seconds:.0f} s", "running": "running" if e.id in running_ids else "not seen to end",
+                 "error": "failed", "cancelled": "cancelled"}.get(e.state, e.state)
+        col.label(text=f"{_age(now - e.created)} - {state}")
+        if e.state == "error" and e.message:
+            sub = box.column()
+            sub.alert = True
+            _lines(sub, e.message, "ERROR")
+        row = box.row(align=True)
+        sub = row.row(align=True)
+        sub.enabled = bool(e.glb)
+        sub.operator("gen3d.history_import", text="Import", icon="IMPORT").entry = e.id
+        row.operator("gen3d.history_regenerate", text="New Seed", icon="FILE_REFRESH").entry = e.id
+        row.operator("gen3d.history_remove", text="", icon="TRASH").entry = e.id
+    if len(entries) > limit:
+        layout.label(text=f"... and {len(entries) - limit} older")
+
+
+class GEN3D_PT_queue_history(_Gen3DPanel, bpy.types.Panel):
+    bl_idname = "GEN3D_PT_queue_history"
+    bl_label = "Queue & History"
+
+    def draw(self, context):
+        layout = self.layout
+        _draw_queue(layout)
+        layout.separator()
+        layout.label(text="History", icon="TIME")
+        _draw_history(layout, limit=12)
+
+
+CLASSES = (GEN3D_PT_generate_text, GEN3D_PT_image_to_3d, GEN3D_PT_refine_texture, GEN3D_PT_queue_history)

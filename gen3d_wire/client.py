@@ -406,6 +406,18 @@ class JobWatcher:
             return
         self._sent_at = self._last_heard = time.monotonic()
 
+    def attach(self, job: str) -> None:
+        """Follow a job submitted earlier (by its id) instead of submitting one: ``fetch`` with
+        ``watch`` re-attaches this client to it while it runs, or is answered with its result (or
+        its end) when it is over. The job must belong to this client's token."""
+        self.job = job
+        try:
+            self.client.send(P.fetch(job, True, self._req, self.client.token))
+        except BackendError:
+            self._sent_at = self._last_heard = time.monotonic() - self.timeout  # poll() asks for status at once
+            return
+        self._sent_at = self._last_heard = time.monotonic()
+
     def cancel(self) -> None:
         self.cancel_requested = True
         if self.job is not None and not self.done:

@@ -191,6 +191,117 @@ def test_built_zip_installs_registers_and_unregisters_cleanly(blender, built_zip
     assert "Traceback" not in r.stderr, r.stderr
 
 
+# --------------------------------------------------------------------------- the local backend's installer
+
+INSTALLER_SCRIPT = r'''
+import signal
+from types import SimpleNamespace
+res = bpy.ops.extensions.package_install_files(filepath=ARGS["zip"], repo="user_default", enable_on_install=True)
+mod = addon_module()
+mgr = mod.manager.MANAGER
+p = prefs()
+p.torch_build = "INDEX"  # whatever pip's configuration serves: here the CPU build from a local wheel folder
+mgr.blocking = False     # as in the UI: the operator returns at once, the timer runs the steps
+refused = None
+try:
+    bpy.ops.gen3d.install_backend()
+except RuntimeError as exc:
+    refused = str(exc)
+bpy.context.preferences.system.use_online_access = True  # the user allows it (Preferences > System > Network)
+
+def drawn():
+    log = []
+    class Rec:
+        def __init__(self): object.__setattr__(self, "attrs", {})
+        def __setattr__(self, k, v): self.attrs[k] = v
+        def label(self, text="", icon="NONE", **k): log.append(["label", text, icon])
+        def prop(self, data, name, **k): log.append(["prop", name])
+        def operator(self, idname, text=None, **k): log.append(["operator", idname, text]); return Rec()
+        def progress(self, factor=0.0, type="BAR", text=""): log.append(["progress", factor, text])
+        def row(self, **k): return self
+        column = box = row
+    mod.prefs.draw_installer(p, Rec())
+    return log
+
+def pump(until, limit):
+    t0 = time.time()
+    while not until() and time.time() - t0 < limit:
+        mod.manager._timer(); time.sleep(0.05)
+    return time.time() - t0
+
+out = dict(installed=sorted(res), refused=refused, zip_wheel=mod.installer.backend_source(os.path.dirname(mod.__file__)),
+           before=drawn())
+# a broken step: pip refuses an option, at the torch step; the panel says which step and shows the log's end
+p.pip_args = "--no-such-pip-option"
+t0 = time.time()
+res = bpy.ops.gen3d.install_backend()
+op_seconds = time.time() - t0
+pump(lambda: not mgr.installing(), 120)
+inst = mgr.installer
+out["broken"] = dict(result=sorted(res), op_seconds=op_seconds, state=inst.state, step=inst.step.name,
+                     message=inst.message, drawn=drawn(), log=inst.log_path)
+# cancelled in the middle of the torch step: its processes are gone
+p.pip_args = ""
+bpy.ops.gen3d.install_backend()
+pump(lambda: mgr.installer.index >= 1 and mgr.installer.package, 120)
+inst = mgr.installer
+running = dict(step=inst.step.name, package=inst.package, drawn=drawn())
+pid = inst.proc.pid if inst.proc else None
+bpy.ops.gen3d.cancel_install()
+time.sleep(0.5)
+try:
+    os.killpg(pid, 0); alive = True
+except (ProcessLookupError, TypeError):
+    alive = False
+out["cancel"] = dict(running=running, state=inst.state, message=inst.message, alive=alive)
+# the whole install, then auto-start runs the installed backend with no Python path set
+t0 = time.time()
+bpy.ops.gen3d.install_backend()
+pump(lambda: not mgr.installing(), ARGS["wait"])
+inst = mgr.installer
+out["install"] = dict(state=inst.state, seconds=time.time() - t0, message=inst.message, tail=inst.log_tail(5),
+                      auto_start=p.auto_start, python_path=p.python_path, drawn=drawn(),
+                      env_python=mod.installer.installed_python(mod.prefs.env_dir()))
+p.preset = "tiny"; p.port = ARGS["port"]; p.start_timeout = 120.0
+mgr.blocking = None
+res = bpy.ops.gen3d.test_connection()
+info = mgr.server_info or {}
+out["connect"] = dict(result=sorted(res), python=mgr.backend.python if mgr.backend else None,
+                      preset=info.get("preset"), kinds=sorted(info.get("job_kinds") or {}),
+                      message=mgr.outcome.message if mgr.outcome else None)
+bpy.ops.preferences.addon_disable(module=ADDON)
+emit(**out)
+'''
+
+
+def test_install_local_backend_from_the_zip_then_auto_start_uses_it(blender, built_zip):
+    port = free_port()
+    r = blender.run(INSTALLER_SCRIPT, {"zip": str(built_zip), "port": port, "wait": 900}, timeout=1200)
+    d = r.data
+    assert d["installed"] == ["FINISHED"] and d["zip_wheel"].endswith(".whl") and "backend_wheel" in d["zip_wheel"]
+    assert ["operator", "gen3d.install_backend", "Install Local Backend"] in d["before"]
+    assert d["refused"] and "online access is off" in d["refused"]  # Blender's setting is honoured
+    b = d["broken"]
+    assert b["result"] == ["FINISHED"] and b["op_seconds"] < 1.0, "the installer must not block the UI"
+    assert b["state"] == "failed" and b["step"] == "torch" and "'torch'" in b["message"]
+    labels = [x[1] for x in b["drawn"] if x[0] == "label"]
+    assert b["message"] in labels and any("no-such-pip-option" in t for t in labels), labels  # the log's tail
+    assert ["operator", "gen3d.open_install_log", "Open Install Log"] in b["drawn"]
+    c = d["cancel"]
+    assert c["running"]["step"] == "torch" and c["running"]["package"]
+    prog = [x for x in c["running"]["drawn"] if x[0] == "progress"]
+    assert prog and "Step 2/4" in prog[0][2] and ["operator", "gen3d.cancel_install", "Cancel"] in c["running"]["drawn"]
+    assert c["state"] == "cancelled" and not c["alive"] and "torch" in c["message"]
+    i = d["install"]
+    assert i["state"] == "done", i["tail"]
+    assert i["auto_start"] and i["python_path"] == "" and i["env_python"]
+    assert any(x[0] == "label" and x[1].startswith("Installed:") for x in i["drawn"])
+    assert any("gen3d backend ready" in line for line in i["tail"]), i["tail"]
+    k = d["connect"]
+    assert k["result"] == ["FINISHED"] and k["python"] == i["env_python"] and k["preset"] == "tiny", k
+    assert {"text_to_3d", "image_to_3d", "refine_texture"} <= set(k["kinds"])
+
+
 # --------------------------------------------------------------------------- live jobs (blocking, background mode)
 
 TEXT_SCRIPT = r'''
@@ -587,6 +698,145 @@ def test_cancel_mid_job_leaves_the_scene_as_it_was(blender, backend_server):
     assert d["backend_state"] == "cancelled"
 
 
+# --------------------------------------------------------------------------- queue and history
+
+QUEUE_SCRIPT = r'''
+enable_source_addon()
+mod = addon_module()
+mgr = mod.manager.MANAGER
+p = prefs(); p.endpoint = ARGS["endpoint"]; p.timeout = 10.0
+scene = bpy.context.scene
+clear_objects(keep=("Camera",))
+scene.camera = bpy.data.objects["Camera"]
+s = scene.gen3d
+s.extra_params = ARGS.get("extra", "")
+s.quality = "draft"; s.faces = 2000; s.texture_size = "256"; s.height = 1.0
+ended = []
+orig_notify = mgr.notify
+mgr.notify = lambda o: (ended.append([o.state, o.message, list(o.objects)]), orig_notify(o))
+mgr.blocking = False  # as in the UI: the operators return at once, the timer follows the jobs
+prompts = ["a red chair", "a blue vase", "a green lamp"]
+results = []
+for i, prompt in enumerate(prompts):
+    s.prompt = prompt; s.seed = 10 + i; s.height = 0.5 + 0.5 * i
+    scene.cursor.location = (3.0 * i, 0.0, 0.25 * i)
+    t0 = time.time()
+    results.append([sorted(bpy.ops.gen3d.generate_from_text()), time.time() - t0])
+out = dict(submitted=results, phases=[j.phase for j in mgr.jobs()], queued=len(mgr.queue))
+t0 = time.time()
+while (mgr.job is not None or mgr.queue) and time.time() - t0 < ARGS["wait"]:
+    mod.manager._timer(); time.sleep(0.02)
+out["ended"] = ended
+def described(o):
+    co = [o.matrix_world @ v.co for v in o.data.vertices]
+    zs = [c.z for c in co]
+    return dict(name=o.name, prompt=o.get("gen3d_prompt"), seed=o.get("gen3d_seed"), min_z=min(zs),
+                height=max(zs) - min(zs))
+out["objects"] = [described(o) for o in bpy.data.objects if o.type == "MESH" and o.get("gen3d_prompt")]
+hist = mgr.history
+out["entries"] = [dict(id=e.id, label=e.label, state=e.state, seed=e.seed, job=e.job, imports=e.imports,
+                       glb=bool(hist.file(e.glb)), thumb=bool(hist.file(e.thumb))) for e in hist.entries()]
+# Import again: the oldest entry, at the cursor where it is now, at the Height setting
+first = hist.entries()[-1]
+scene.cursor.location = (0.0, 6.0, 1.0); s.height = 2.0
+before = set(object_names())
+res = bpy.ops.gen3d.history_import(entry=first.id)
+new = [bpy.data.objects[n] for n in object_names() if n not in before and bpy.data.objects[n].type == "MESH"]
+out["reimport"] = dict(result=sorted(res), objects=[described(o) for o in new], imports=hist.get(first.id).imports)
+# Regenerate with a new seed (blocking, as a script would)
+mgr.blocking = None
+before = set(object_names())
+res = bpy.ops.gen3d.history_regenerate(entry=first.id)
+new = [bpy.data.objects[n] for n in object_names() if n not in before and bpy.data.objects[n].type == "MESH"]
+newest = hist.entries()[0]
+out["regenerate"] = dict(result=sorted(res), objects=[described(o) for o in new], label=newest.label,
+                         seed=newest.seed, old_seed=first.seed, state=newest.state,
+                         same_settings={k: v for k, v in newest.params.items() if k != "seed"} ==
+                                       {k: v for k, v in first.params.items() if k != "seed"})
+# a job still running when Blender closes: not cancelled, kept in the history with its job id
+mgr.blocking = False
+s.prompt = "a yellow teapot"; s.seed = 99
+bpy.ops.gen3d.generate_from_text()
+t0 = time.time()
+while mgr.job is not None and mgr.job.job_id is None and time.time() - t0 < 20:
+    mod.manager._timer(); time.sleep(0.02)
+out["left_job"] = mgr.job.job_id if mgr.job else None
+bpy.ops.preferences.addon_disable(module=ADDON)
+bpy.ops.wm.save_userpref()
+emit(**out)
+'''
+
+FETCH_SCRIPT = r'''
+enable_source_addon()
+mod = addon_module()
+mgr = mod.manager.MANAGER
+p = prefs(); p.endpoint = ARGS["endpoint"]; p.timeout = 10.0
+p.client_token = ""  # even a new token: the entry keeps the one its job was sent with
+hist = mgr.history
+waiting = [dict(label=e.label, job=e.job, state=e.state) for e in hist.unfinished()]
+t0 = time.time()
+client = mod.wire.C.Client(ARGS["endpoint"], timeout=5, token=hist.unfinished()[0].token)
+while time.time() - t0 < ARGS["wait"]:  # the job ends on the backend while no Blender listens
+    if client.status(ARGS["job"])["state"] in ("done", "failed", "cancelled"):
+        break
+    time.sleep(0.5)
+client.close()
+before = set(object_names())
+res = bpy.ops.gen3d.history_fetch()
+new = [bpy.data.objects[n] for n in object_names() if n not in before and bpy.data.objects[n].type == "MESH"]
+e = hist.get([x.id for x in hist.entries() if x.label == "a yellow teapot"][0])
+emit(waiting=waiting, result=sorted(res), objects=[o.name for o in new], seeds=[o.get("gen3d_seed") for o in new],
+     state=e.state, glb=bool(hist.file(e.glb)), unfinished=len(hist.unfinished()), outcome=mgr.outcome.state,
+     message=mgr.outcome.message)
+'''
+
+
+def test_a_queue_of_three_imports_in_order_with_history_and_fetches_a_job_left_running(blender, backend_server):
+    endpoint, stub = need(backend_server, "text_to_3d")
+    wait = 120 if stub else 600
+    r = blender.run(QUEUE_SCRIPT, {"endpoint": endpoint, "extra": fast(stub), "wait": wait}, user="artist",
+                    timeout=SESSION_TIMEOUT + wait)
+    d = r.data
+    assert [x[0] for x in d["submitted"]] == [["FINISHED"]] * 3 and max(x[1] for x in d["submitted"]) < 0.5
+    assert d["phases"][1:] == ["queued", "queued"] and d["queued"] == 2
+    # all three imported, in the order they were queued, each where the cursor was when it was sent
+    assert [e[0] for e in d["ended"]] == ["done"] * 3, d["ended"]
+    by_name = {o["name"]: o for o in d["objects"]}
+    assert len(by_name) == 3
+    objs = [by_name[e[2][0]] for e in d["ended"]]  # in the order the jobs ended
+    assert [o["prompt"] for o in objs] == ["a red chair", "a blue vase", "a green lamp"]
+    assert [o["seed"] for o in objs] == [10, 11, 12]
+    for i, o in enumerate(objs):
+        assert o["min_z"] == pytest.approx(0.25 * i, abs=1e-4)  # standing on the cursor's height
+        assert o["height"] == pytest.approx(0.5 + 0.5 * i, rel=0.01)  # the Height setting at the time
+    # each with its own history entry, newest first, its model and thumbnail kept
+    es = d["entries"]
+    assert [e["label"] for e in es] == ["a green lamp", "a blue vase", "a red chair"]
+    assert all(e["state"] == "done" and e["glb"] and e["thumb"] and e["job"] and e["imports"] == 1 for e in es)
+    assert len({e["job"] for e in es}) == 3 and [e["seed"] for e in es] == [12, 11, 10]
+    ri = d["reimport"]
+    assert ri["result"] == ["FINISHED"] and len(ri["objects"]) == 1 and ri["imports"] == 2
+    o = ri["objects"][0]
+    assert o["prompt"] == "a red chair" and o["min_z"] == pytest.approx(1.0, abs=1e-4)
+    assert o["height"] == pytest.approx(2.0, rel=0.01)
+    rg = d["regenerate"]
+    assert rg["result"] == ["FINISHED"] and len(rg["objects"]) == 1 and rg["state"] == "done"
+    assert rg["label"] == "a red chair" and rg["seed"] != rg["old_seed"] and rg["same_settings"]
+    assert rg["objects"][0]["seed"] == rg["seed"]
+    assert d["left_job"]
+    assert "Traceback" not in r.stderr, r.stderr
+
+    # Blender again (the same user folders): the result of the job left running is fetched by its id
+    r2 = blender.run(FETCH_SCRIPT, {"endpoint": endpoint, "job": d["left_job"], "wait": wait}, user="artist",
+                     timeout=SESSION_TIMEOUT + wait)
+    f = r2.data
+    assert f["waiting"] == [{"label": "a yellow teapot", "job": d["left_job"], "state": "running"}]
+    assert f["result"] == ["FINISHED"] and f["outcome"] == "done", f
+    assert len(f["objects"]) == 1 and f["objects"][0].startswith("gen3d_a_yellow_teapot") and f["seeds"] == [99]
+    assert f["state"] == "done" and f["glb"] and f["unfinished"] == 0
+    assert "Traceback" not in r2.stderr, r2.stderr
+
+
 # --------------------------------------------------------------------------- errors where the user looks
 
 UNREACHABLE_SCRIPT = r'''
@@ -683,7 +933,9 @@ class Rec:
     def label(self, text="", icon="NONE", **k): return self._add("label", text=text, icon=icon)
     def prop(self, data, prop, text=None, **k): return self._add("prop", prop=prop, enabled=self.attrs.get("enabled", True))
     def operator(self, idname, text=None, icon="NONE", **k):
-        self._add("operator", idname=idname, enabled=self.attrs.get("enabled", True)); return SimpleNamespace()
+        # what the panel sets on the operator's properties (entry, queue_index) is recorded as "set" under op:<idname>
+        self._add("operator", idname=idname, text=text, enabled=self.attrs.get("enabled", True))
+        return Rec(self._log, self._path + "/op:" + idname)
     def progress(self, factor=0.0, type="BAR", text=""): return self._add("progress", factor=factor, text=text)
     def template_icon(self, icon_value=0, scale=1.0): return self._add("template_icon", icon_value=icon_value)
     def template_ID(self, data, prop, **k): return self._add("template_ID", prop=prop, open=k.get("open"))
@@ -742,6 +994,29 @@ mgr.server_info = {"endpoint": "tcp://127.0.0.1:5555", "server": "0.1.0", "proto
                    "device": {"device": "cuda", "gpu_name": "NVIDIA H100"}, "versions": {"torch": "2.13.0"},
                    "job_kinds": {"diagnose": {}}}
 out["prefs"] = draw_prefs()
+# a queue of three: one running, two waiting
+mgr.job = M.Job(kind="text_to_3d", label="Generate from text", panel="TEXT", phase=M.RUNNING, stage="distill",
+                fraction=0.5)
+mgr.queue = [M.Job(kind="image_to_3d", label="Image to 3D", panel="IMAGE", phase=M.QUEUED, stage="queued"),
+             M.Job(kind="text_to_3d", label="Generate from text", panel="TEXT", phase=M.QUEUED, stage="queued")]
+out["queue"] = draw(ui.GEN3D_PT_queue_history)
+out["queue_text"] = draw(ui.GEN3D_PT_generate_text)
+mgr.job, mgr.queue = None, []
+# the history: one done (with its thumbnail), one never seen to end, one failed
+hist = mgr.history
+e1 = hist.add("text_to_3d", "a red chair", {"prompt": "a red chair", "seed": 7, "quality": "draft", "faces": 5000},
+              "tcp://127.0.0.1:5555", name="gen3d_a_red_chair")
+hist.accepted(e1.id, "a" * 32)
+hist.finished(e1.id, {"model.glb": b"glTF" + bytes(16), "reference.png": png})
+e2 = hist.add("image_to_3d", "photo.png", {"seed": 1, "quality": "standard", "faces": 20000}, "tcp://127.0.0.1:5555",
+              image_png=png)
+hist.accepted(e2.id, "b" * 32)
+e3 = hist.add("text_to_3d", "a lamp", {"prompt": "a lamp", "seed": 2}, "tcp://127.0.0.1:5555")
+hist.accepted(e3.id, "c" * 32)
+hist.ended(e3.id, "error", "CUDA out of memory")
+out["history"] = draw(ui.GEN3D_PT_queue_history)
+out["history_ids"] = [e1.id, e2.id, e3.id]
+out["history_folder"] = hist.folder
 emit(**out)
 '''
 
@@ -775,7 +1050,8 @@ def test_panels_show_the_controls_for_each_state(blender):
     assert _calls(run[text], "label", text="view 3 of 8")
     assert _calls(run[text], "template_icon")  # the preview (its icon id is 0 in background mode)
     assert _calls(run[text], "operator", idname="gen3d.cancel")
-    assert _calls(run[text], "operator", idname="gen3d.generate_from_text", enabled=False)  # greyed out while busy
+    # while a job runs the button queues another one behind it
+    assert _calls(run[text], "operator", idname="gen3d.generate_from_text", text="Generate (Queue)", enabled=True)
     for other in (image, refine):
         assert not _calls(run[other], "progress") and not _calls(run[other], "operator", idname="gen3d.cancel")
     conn = d["connecting"]
@@ -802,6 +1078,30 @@ def test_panels_show_the_controls_for_each_state(blender):
     assert _calls(prefs, "operator", idname="gen3d.start_backend")
     texts = " | ".join(e["text"] for e in _calls(prefs, "label"))
     assert "NVIDIA H100" in texts and "torch 2.13.0" in texts and "text_to_3d" in texts
+
+    # the queue of three: one row each, the running one with its progress, each with its own cancel
+    q = d["queue"]
+    assert [e["text"] for e in _calls(q, "label") if e["icon"] in ("PLAY", "SORTTIME")] == \
+        ["Generate from text", "Image to 3D", "Generate from text"]
+    assert len(_calls(q, "progress")) == 1 and "50%" in _calls(q, "progress")[0]["text"]
+    assert [e["value"] for e in q if e["call"] == "set" and e["name"] == "queue_index"] == [-1, 0, 1]
+    assert _calls(q, "label", text="Queued (1 before it)") and _calls(q, "label", text="Queued (2 before it)")
+    assert any("1 more queued" in e["text"] for e in _calls(d["queue_text"], "label"))
+    # the history, newest first: each entry with what it was, its actions; the unfinished one offers Fetch
+    h = d["history"]
+    e1, e2, e3 = d["history_ids"]
+    texts = [e["text"] for e in _calls(h, "label")]
+    assert texts.index("a lamp") < texts.index("photo.png") < texts.index("a red chair")
+    assert "Text - seed 7 - draft - 5000 faces" in texts and "Image - seed 1 - standard - 20000 faces" in texts
+    assert any("CUDA out of memory" in t for t in texts)
+    assert _calls(h, "operator", idname="gen3d.history_fetch")
+    entry_of = lambda op: [e["value"] for e in h if e["call"] == "set" and e["path"].endswith("op:" + op)]
+    assert entry_of("gen3d.history_import") == [e3, e2, e1] and entry_of("gen3d.history_regenerate") == [e3, e2, e1]
+    assert entry_of("gen3d.history_remove") == [e3, e2, e1]
+    imports = _calls(h, "operator", idname="gen3d.history_import")
+    assert [i["enabled"] for i in imports] == [False, False, True], "only an entry with a model can be imported"
+    assert len(_calls(h, "template_icon")) == 2  # thumbnails: the backend's front image, the reference sent
+    assert d["history_folder"].endswith(os.path.join("gen3d", "history")), d["history_folder"]
 
 
 # --------------------------------------------------------------------------- auto-started local backend

@@ -177,14 +177,125 @@ def test_manager_says_when_the_backend_lacks_a_kind(endpoint):
     mgr.shutdown()
 
 
-def test_manager_refuses_a_second_job_while_one_runs(endpoint):
+def test_manager_queues_jobs_and_runs_them_in_order(endpoint):
     mgr = M.Manager()
-    mgr.submit(M.Job("text_to_3d", "A", "TEXT", params={"prompt": "x"}), M.Connection(endpoint, timeout=5))
+    conn = M.Connection(endpoint, timeout=5)
+    order = []
+
+    def job(name):
+        return M.Job("text_to_3d", name, "TEXT", params={"prompt": name},
+                     apply=lambda ev: (order.append((name, ev.metadata["prompt"])), (f"applied {name}", [name]))[1])
+
+    a, b, c = job("a"), job("b"), job("c")
+    for j in (a, b, c):
+        mgr.submit(j, conn)
+    assert mgr.job is a and mgr.queue == [b, c] and [j.phase for j in (b, c)] == [M.QUEUED, M.QUEUED]
+    assert "after 2 job" in c.message
+    # a connection test is refused while jobs run: it would stand in the queue for no reason
     with pytest.raises(RuntimeError, match="still running"):
-        mgr.submit(M.Job("text_to_3d", "B", "TEXT", params={"prompt": "y"}), M.Connection(endpoint, timeout=5))
-    mgr.cancel()
-    mgr.wait(timeout=20)
+        mgr.submit(M.Job(None, "Connect", "PREFS"), conn)
+    d = job("d")
+    mgr.submit(d, conn)
+    assert mgr.cancel(d) and d not in mgr.queue and mgr.outcome.state == "cancelled"
+    out = mgr.wait(timeout=60)
+    assert order == [("a", "a"), ("b", "b"), ("c", "c")]
+    assert out.state == "done" and out.message == "applied c" and not mgr.queue and mgr.job is None
     mgr.shutdown()
+
+
+def _history_job(hist, conn, prompt, **kw):
+    e = hist.add("text_to_3d", prompt, {"prompt": prompt, "seed": 5}, conn.endpoint, name="gen3d_" + prompt)
+    return M.Job("text_to_3d", prompt, "TEXT", params={"prompt": prompt, "seed": 5}, history_id=e.id, **kw), e
+
+
+def test_manager_keeps_results_in_the_history(endpoint, tmp_path):
+    from blender_addon.history import History
+
+    mgr = M.Manager()
+    mgr.history = hist = History(str(tmp_path / "h"))
+    conn = M.Connection(endpoint, timeout=5)
+    ok, e_ok = _history_job(hist, conn, "kept", apply=lambda ev: ("in", ["o"]))
+    bad, e_bad = _history_job(hist, conn, "broken import", apply=lambda ev: 1 / 0)
+    gone, e_gone = _history_job(hist, conn, "cancelled in the queue")
+    for j in (ok, bad, gone):
+        mgr.submit(j, conn)
+    mgr.cancel(gone)
+    mgr.wait(timeout=60)
+    again = History(str(tmp_path / "h"))  # what the next Blender session reads
+    got = {e.label: e for e in again.entries()}
+    assert set(got) == {"kept", "broken import"}, "a job taken out of the queue leaves no entry"
+    for label in got:
+        e = got[label]
+        assert e.state == "done" and e.job and e.seed == 5 and e.metadata.get("prompt") == label
+        assert again.result(e.id)["model.glb"][:4] == b"glTF"
+        assert again.read(e.thumb).startswith(b"\x89PNG")  # the backend's reference image
+    assert got["kept"].imports == 1 and got["broken import"].imports == 0, "a failed import keeps the result"
+    again.remove(got["kept"].id)
+    assert History(str(tmp_path / "h")).get(e_ok.id) is None and not (tmp_path / "h" / f"{e_ok.id}.glb").exists()
+    mgr.shutdown()
+
+
+def test_a_job_left_running_is_fetched_by_its_id_on_the_next_connection(endpoint, tmp_path):
+    from blender_addon.history import History
+
+    conn = M.Connection(endpoint, timeout=5, token="t" * 24)
+    first = M.Manager()
+    first.history = History(str(tmp_path / "h"))
+    job, entry = _history_job(first.history, conn, "left behind")
+    first.submit(job, conn)
+    t0 = time.monotonic()
+    while job.job_id is None and time.monotonic() - t0 < 10:
+        first.tick()
+        time.sleep(0.02)
+    assert job.job_id
+    first.shutdown()  # Blender closes: the job is not cancelled, its entry keeps the id
+    hist = History(str(tmp_path / "h"))
+    (e,) = hist.unfinished()
+    assert e.id == entry.id and e.job == job.job_id and e.state == "running"
+    time.sleep(2.0)  # it ends on the backend while nobody listens
+
+    second = M.Manager()
+    second.history = hist
+    fetched = []
+    second.resume_factory = lambda en, imp: M.Job(en.kind, "Fetch", "TEXT", dict(en.params), history_id=en.id,
+                                                  resume_job=en.job, import_result=imp,
+                                                  apply=lambda ev: (fetched.append(ev.job), ("placed", []))[1])
+    # any connection to that backend brings the result back (into the history only, by default)
+    second.submit(M.Job(None, "Connect", "PREFS"), conn)
+    second.wait(timeout=30)
+    assert hist.get(entry.id).state == "done" and hist.result(entry.id)["model.glb"][:4] == b"glTF"
+    assert not fetched and "Fetched into the history" in second.outcome.message
+    assert not hist.unfinished()
+    # a fetch of a job the backend does not know ends the entry with its error, not a crash
+    e2 = hist.add("text_to_3d", "unknown", {"prompt": "x"}, conn.endpoint)
+    hist.accepted(e2.id, "0123456789abcdef0123456789abcdef")
+    assert second.fetch_unfinished(conn, import_result=True) == 1
+    out = second.wait(timeout=30)
+    assert out.state == "error" and hist.get(e2.id).state == "error" and not hist.unfinished()
+    second.shutdown()
+
+
+def test_history_survives_a_broken_file_and_trims_old_entries(tmp_path):
+    from blender_addon.history import History
+
+    folder = tmp_path / "h"
+    folder.mkdir()
+    (folder / "history.json").write_text("{not json")
+    h = History(str(folder), max_entries=3)
+    assert h.entries() == []
+    ids = []
+    for i in range(5):
+        e = h.add("text_to_3d", f"p{i}", {"seed": i}, image_png=b"\x89PNG fake")
+        h.accepted(e.id, f"job{i}")
+        if i != 0:
+            h.finished(e.id, {"model.glb": b"glTF" + bytes(8)})
+        ids.append(e.id)
+    # the oldest finished ones went with their files; the running p0 stays (its result may still come)
+    assert [e.label for e in h.entries()] == ["p4", "p3", "p0"]
+    assert h.get(ids[0]) is not None and h.get(ids[1]) is None and not (folder / f"{ids[1]}.glb").exists()
+    (folder / "history.json").write_text(json.dumps({"entries": [{"id": 3}, {"id": "x", "kind": "text_to_3d",
+                                                                             "params": "not a dict"}, "junk"]}))
+    assert History(str(folder)).entries() == []
 
 
 def test_manager_bad_params_come_back_as_an_error_with_a_hint(endpoint):
@@ -250,3 +361,94 @@ def test_build_with_a_wheel_folder_makes_an_installable_layout(tmp_path):
     assert m["platforms"] == ["windows-x64"] and "blender_version_max" not in m
     assert not any(re.search(r"__pycache__|\.pyc$", f) for f in files)
     json.dumps(m)  # plain data
+
+
+# --------------------------------------------------------------------------- the local backend's installer
+
+
+def test_installer_plan_puts_the_right_torch_first(tmp_path):
+    from blender_addon import installer as I
+
+    env = str(tmp_path / "env")
+    steps = I.plan("/usr/bin/python3", env, "/x/gen3d-0.1.0-py3-none-any.whl", "cuda", pip_args=["--proxy", "p:1"])
+    assert [s.name for s in steps] == ["environment", "torch", "backend", "check"]
+    assert steps[0].argv == ["/usr/bin/python3", "-m", "venv", env]
+    torch = steps[1].argv
+    assert torch[:3] == [I.env_python(env), "-m", "pip"] and I.TORCH_SPEC in torch
+    assert torch[torch.index("--index-url") + 1].endswith("/cu126") and "--proxy" in torch
+    assert "--index-url" not in I.plan("p", env, "w", "index")[1].argv  # the index (or pip's config) decides
+    assert I.plan("p", env, "w", "cpu")[1].argv[-1].endswith("/whl/cpu")
+    assert steps[2].argv[-1].endswith(".whl") and "--upgrade" in steps[2].argv
+    assert I.resolve_torch_build("auto", detect=lambda: True) == "cuda"
+    assert I.resolve_torch_build("auto", detect=lambda: False) == "cpu"
+    with pytest.raises(ValueError):
+        I.resolve_torch_build("rocm")
+
+
+def test_installer_backend_source_is_the_zip_wheel_or_the_source_tree(tmp_path):
+    from blender_addon import installer as I
+
+    assert I.backend_source(str(build_addon.ADDON_DIR)) == str(build_addon.ROOT)
+    (tmp_path / "ext" / "backend_wheel").mkdir(parents=True)
+    whl = tmp_path / "ext" / "backend_wheel" / "gen3d-0.1.0-py3-none-any.whl"
+    whl.write_bytes(b"PK")
+    assert I.backend_source(str(tmp_path / "ext")) == str(whl)
+    assert I.backend_source(str(tmp_path)) is None
+
+
+def _steps(*codes):
+    import sys
+
+    from blender_addon import installer as I
+
+    return [I.Step(f"s{i}", f"Step {i}", [sys.executable, "-c", c]) for i, c in enumerate(codes)]
+
+
+def test_installer_runs_its_steps_and_reports_the_failing_one_with_the_log_tail(tmp_path):
+    from blender_addon import installer as I
+
+    ok = I.Installer(_steps("print('Collecting numpy>=1.24')", "print('Downloading torch-2.13.0-cp311.whl')"),
+                     str(tmp_path / "ok.log"))
+    ok.start()
+    seen = set()
+    while ok.poll() == I.RUNNING:
+        seen.add((ok.index, ok.package))
+        time.sleep(0.01)
+    assert ok.state == I.DONE and ok.fraction == 1.0
+    log = (tmp_path / "ok.log").read_text()
+    assert "step 1/2" in log and "step 2/2" in log and "Collecting numpy" in log and "== done" in log
+
+    bad = I.Installer(_steps("print('fine')", "import sys; print('ERROR: No matching distribution for torch'); "
+                                              "sys.exit(3)", "print('never')"), str(tmp_path / "bad.log"))
+    bad.start()
+    assert bad.wait(30) == I.FAILED
+    assert bad.index == 1 and "'s1'" in bad.message and "exit code 3" in bad.message
+    assert any("No matching distribution" in line for line in bad.log_tail())
+    assert "never" not in (tmp_path / "bad.log").read_text().replace("print('never')", "")
+
+
+def test_installer_cancel_kills_the_running_step(tmp_path):
+    import os
+
+    from blender_addon import installer as I
+
+    inst = I.Installer(_steps("import subprocess, sys, time; "
+                              "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+                              "print('child started', flush=True); time.sleep(60)"), str(tmp_path / "c.log"))
+    inst.start()
+    pid = inst.proc.pid
+    t0 = time.monotonic()
+    while "child started" not in (tmp_path / "c.log").read_text() and time.monotonic() - t0 < 20:
+        inst.poll()
+        time.sleep(0.05)
+    assert inst.cancel() and inst.state == I.CANCELLED and "'s0'" in inst.message
+    t0 = time.monotonic()
+    gone = False
+    while not gone and time.monotonic() - t0 < 10:  # the whole process group goes, the step's own child too
+        try:
+            os.killpg(pid, 0)
+            time.sleep(0.05)
+        except ProcessLookupError:
+            gone = True
+    assert gone
+    assert not inst.cancel()
