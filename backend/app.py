@@ -10,9 +10,9 @@ from .service.jobs import Registry
 
 def build_registry() -> Registry:
     """Every job kind whose pipeline exists. A kind not implemented is not listed."""
-    from .kinds import diagnose, generate, reconstruct, refine
+    from .kinds import diagnose, generate, models, reconstruct, refine
 
-    specs = [diagnose.SPEC, reconstruct.SPEC, generate.TEXT_SPEC, generate.IMAGE_SPEC, refine.SPEC]
+    specs = [diagnose.SPEC, models.SPEC, reconstruct.SPEC, generate.TEXT_SPEC, generate.IMAGE_SPEC, refine.SPEC]
     return Registry(specs)
 
 

@@ -512,6 +512,24 @@ def cmd_diagnose(args) -> int:
     return EXIT_OK
 
 
+def cmd_models(args) -> int:
+    """The preset's models on the backend's disk (the add-on's model manager does the same over the wire)."""
+    from .common.errors import ModelMissing
+    from .models.files import human_size
+
+    try:
+        meta, _ = run_job(args, "models", {"action": args.action}, [])
+    except ModelMissing as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    for m in meta["models"]:
+        where = f"{human_size(m['bytes'])} at {m['path']}" if m["present"] else "missing"
+        print(f"{m['role']:14s} {m['name']}: {where}")
+    print(f"preset {meta['preset']}: {'all present' if meta['present'] else 'incomplete'}, "
+          f"{human_size(meta['bytes'])} on disk")
+    return EXIT_OK
+
+
 # Job verbs: name -> (help, configure(parser), run(args) -> int)
 _JOB_VERBS: dict[str, tuple[str, Callable, Callable]] = {}
 
@@ -706,6 +724,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_client_flags(p)
     add_local_flags(p)
     p.set_defaults(func=cmd_diagnose)
+
+    p = sub.add_parser("models", help="the preset's models on disk: status, download (or build), remove")
+    p.add_argument("action", nargs="?", default="status", choices=("status", "download", "remove"))
+    add_client_flags(p)
+    add_local_flags(p)
+    p.set_defaults(func=cmd_models)
 
     for name, (hlp, configure, run) in _JOB_VERBS.items():
         p = sub.add_parser(name, help=hlp)

@@ -123,6 +123,15 @@ class Job:
     import_result: bool = True  # False: a fetched result goes into the history only
 
 
+def human_size(n: float) -> str:
+    """Bytes for the panels: 512 B, 12 KB, 1.48 MB, 4.60 GB."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit in ("B", "KB") else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} GB"
+
+
 def endpoint_is_local(endpoint: str) -> bool:
     """Loopback TCP, or ipc/inproc: no network involved (``bpy.app.online_access`` does not apply)."""
     ep = endpoint.strip()
@@ -194,6 +203,7 @@ class Manager:
         self.history = None  # history.History (set by register): where results are kept
         # builds the Job that fetches an unfinished history entry (set by register; see fetch_unfinished)
         self.resume_factory: Callable[[Any, bool], Job] | None = None
+        self.models_info: dict | None = None  # the last ``models`` status: {server_preset, presets: [...]}
         self.installer = None  # installer.Installer of the local backend, while (and after) it runs
         self.on_installed: Callable[[Any], None] | None = None  # called on the main thread when it ends well
 
@@ -633,6 +643,7 @@ class Manager:
         self.blocking = None
         self.history = None
         self.resume_factory = None
+        self.models_info = None
         bpy = _bpy()
         if bpy is not None and bpy.app.timers.is_registered(_timer):
             bpy.app.timers.unregister(_timer)

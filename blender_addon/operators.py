@@ -16,7 +16,7 @@ from bpy.props import EnumProperty, IntProperty, StringProperty
 
 from . import scene_io, wire
 from .hints import hint_for
-from .manager import MANAGER, Job, Outcome
+from .manager import MANAGER, Job, Outcome, human_size
 from .prefs import connection, get_prefs, install_log, make_installer
 
 
@@ -574,6 +574,50 @@ class GEN3D_OT_history_remove(bpy.types.Operator):
         return {"FINISHED"}
 
 
+# -- the backend's models (preferences, and the Download button of a model_missing error)
+
+
+def _apply_models(action: str):
+    def apply(ev):
+        meta = ev.metadata or {}
+        if "presets" in meta:
+            MANAGER.models_info = meta
+            n = sum(1 for p in meta["presets"] if p.get("present"))
+            return f"{n} of {len(meta['presets'])} presets have all their models", []
+        info = MANAGER.models_info or {"server_preset": None, "presets": []}
+        info["presets"] = [meta if p.get("preset") == meta.get("preset") else p for p in info["presets"]]
+        if not any(p.get("preset") == meta.get("preset") for p in info["presets"]):
+            info["presets"].insert(0, meta)
+        MANAGER.models_info = info
+        state = "all models present" if meta.get("present") else "models missing"
+        verb = {"download": "Downloaded", "remove": "Removed"}.get(action, "Checked")
+        return f"{verb}: preset {meta.get('preset')}, {state} ({human_size(meta.get('bytes', 0))} on the backend's disk)", []
+
+    return apply
+
+
+class GEN3D_OT_models(bpy.types.Operator):
+    bl_idname = "gen3d.models"
+    bl_label = "Models"
+    bl_description = "The backend's models: check which are on its disk, download them, or remove them"
+    bl_options = {"REGISTER"}
+
+    action: EnumProperty(items=(("status", "Refresh", "List every preset's models and whether they are on disk"),
+                                ("download", "Download", "Fetch the preset's missing models (progress: files, bytes)"),
+                                ("remove", "Remove", "Delete the preset's downloaded models from the backend's disk")))
+    preset: StringProperty(default="", description="The preset (empty: the backend's own)", options={"SKIP_SAVE"})
+
+    def execute(self, context):
+        label = {"status": "Models", "download": "Download models", "remove": "Remove models"}[self.action]
+        job = Job("models", label + (f" ({self.preset})" if self.preset else ""), "MODELS")
+        conn = _connection_or_report(self, context, job)
+        if conn is None:
+            return {"CANCELLED"}
+        job.params = {"action": self.action, "preset": "*" if self.action == "status" else self.preset}
+        job.apply = _apply_models(self.action)
+        return submit_job(self, job, conn, extras=False)
+
+
 # -- the local backend's installer (preferences)
 
 
@@ -668,4 +712,4 @@ def _connect(op, context, force_start: bool):
 CLASSES = (GEN3D_OT_generate_from_text, GEN3D_OT_image_to_3d, GEN3D_OT_refine_texture, GEN3D_OT_cancel,
            GEN3D_OT_dismiss, GEN3D_OT_report, GEN3D_OT_test_connection, GEN3D_OT_start_backend, GEN3D_OT_stop_backend,
            GEN3D_OT_history_import, GEN3D_OT_history_regenerate, GEN3D_OT_history_fetch, GEN3D_OT_history_remove,
-           GEN3D_OT_install_backend, GEN3D_OT_cancel_install, GEN3D_OT_open_install_log)
+           GEN3D_OT_install_backend, GEN3D_OT_cancel_install, GEN3D_OT_open_install_log, GEN3D_OT_models)

@@ -8,7 +8,7 @@ import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, StringProperty
 
 from . import installer, wire
-from .manager import MANAGER, AutoStart, Connection, endpoint_is_local
+from .manager import MANAGER, AutoStart, Connection, endpoint_is_local, human_size
 
 ADDON_ID = __package__
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
@@ -252,6 +252,8 @@ def draw_preferences(prefs, layout) -> None:
             for line in proc.log_tail(6):
                 box.label(text=line[:200])
 
+    draw_models(col.box())
+
     box = col.box()
     row = box.row()
     row.operator("gen3d.test_connection", icon="PLUGIN")
@@ -276,6 +278,49 @@ def draw_preferences(prefs, layout) -> None:
     out = MANAGER.outcome
     if out is not None and out.panel == "PREFS":
         draw_status_lines(box, out)
+
+
+def draw_models(box) -> None:
+    """The backend's models per preset (from the last Refresh), with Download / Remove, and a running
+    download's progress (files and bytes) with Cancel."""
+    row = box.row()
+    row.label(text="Models (on the backend's disk)", icon="FILE_3D")
+    row.operator("gen3d.models", text="Refresh", icon="FILE_REFRESH").action = "status"
+    job = next((j for j in MANAGER.jobs() if j.panel == "MODELS"), None)
+    if job is not None:
+        sub = box.box()
+        if job is MANAGER.job and job.phase not in ("queued", "connecting"):
+            sub.progress(factor=float(job.fraction), type="BAR", text=f"{job.label}  {int(round(100 * job.fraction))}%")
+            sub.operator("gen3d.cancel", text="Cancel", icon="CANCEL").queue_index = -1
+        else:
+            sub.label(text=f"{job.label}: waiting", icon="SORTTIME")
+        if job.message:
+            sub.label(text=job.message[:120])
+    out = MANAGER.outcome
+    if out is not None and out.panel == "MODELS" and job is None:
+        draw_status_lines(box, out)
+    info = MANAGER.models_info
+    if not info:
+        box.label(text="Press Refresh to see which models the backend has.", icon="INFO")
+        return
+    for rep in info.get("presets", []):
+        sub = box.box()
+        own = rep.get("preset") == info.get("server_preset")
+        head = sub.row()
+        head.label(text=f"{rep.get('preset')}" + ("  (this backend's)" if own else ""),
+                   icon="CHECKMARK" if rep.get("present") else "ERROR")
+        models = rep.get("models", [])
+        if not rep.get("present"):
+            op = head.operator("gen3d.models", text="Download", icon="IMPORT")
+            op.action, op.preset = "download", rep.get("preset", "")
+        if any(m.get("present") and m.get("removable") for m in models):
+            op = head.operator("gen3d.models", text="Remove", icon="TRASH")
+            op.action, op.preset = "remove", rep.get("preset", "")
+        for m in models:
+            state = human_size(m.get("bytes", 0)) if m.get("present") else "missing"
+            sub.label(text=f"{m.get('role')}: {m.get('name')}  {state}")
+        if rep.get("description"):
+            sub.label(text=rep["description"][:120])
 
 
 def draw_installer(prefs, box) -> None:

@@ -114,6 +114,12 @@ def draw_outcome(layout, outcome) -> None:
             col = box.column()
             col.alert = False
             _lines(col, outcome.hint, "INFO")
+        if outcome.code == "model_missing":  # the backend's own preset: fetch it from here
+            row = box.row()
+            row.alert = False
+            op = row.operator("gen3d.models", text="Download Models", icon="IMPORT")
+            op.action = "download"
+            op.preset = ""
     elif outcome.state == "cancelled":
         _lines(box, outcome.message, "CANCEL")
     else:

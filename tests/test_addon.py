@@ -302,6 +302,125 @@ def test_install_local_backend_from_the_zip_then_auto_start_uses_it(blender, bui
     assert {"text_to_3d", "image_to_3d", "refine_texture"} <= set(k["kinds"])
 
 
+# --------------------------------------------------------------------------- the model manager
+
+MODELS_SCRIPT = r'''
+enable_source_addon()
+mod = addon_module()
+mgr = mod.manager.MANAGER
+p = prefs(); p.endpoint = ARGS["tiny"]; p.timeout = 10.0
+mgr.blocking = False
+
+def drawn():
+    log = []
+    class Rec:
+        def __init__(self, path=""): object.__setattr__(self, "attrs", {}); object.__setattr__(self, "path", path)
+        def __setattr__(self, k, v):
+            self.attrs[k] = v
+            log.append(["set", self.path, k, v])
+        def label(self, text="", icon="NONE", **k): log.append(["label", text, icon])
+        def prop(self, data, name, **k): log.append(["prop", name])
+        def operator(self, idname, text=None, **k): log.append(["operator", idname, text]); return Rec(idname)
+        def progress(self, factor=0.0, type="BAR", text=""): log.append(["progress", factor, text])
+        def row(self, **k): return Rec(self.path)
+        column = box = row
+    mod.prefs.draw_models(Rec())
+    return log
+
+def run(action, preset="", limit=120):
+    seen = []
+    res = bpy.ops.gen3d.models(action=action, preset=preset)
+    t0 = time.time()
+    while (mgr.job is not None or mgr.queue) and time.time() - t0 < limit:
+        mod.manager._timer()
+        j = mgr.job
+        if j is not None and j.phase == "running" and j.message and (not seen or seen[-1][1] != j.message):
+            seen.append([j.fraction, j.message, drawn()])
+        time.sleep(0.02)
+    return sorted(res), seen
+
+def tiny():
+    return next(r for r in mgr.models_info["presets"] if r["preset"] == "tiny")
+
+out = dict(empty=drawn())
+out["status"] = run("status")[0]
+out["before"] = dict(tiny=tiny(), server=mgr.models_info["server_preset"],
+                     presets=[r["preset"] for r in mgr.models_info["presets"]], drawn=drawn())
+res, seen = run("download", "tiny")
+out["download"] = dict(result=res, seen=seen, tiny=tiny(), outcome=mgr.outcome.state, message=mgr.outcome.message,
+                       drawn=drawn())
+res, _ = run("remove", "tiny")
+out["remove"] = dict(result=res, tiny=tiny(), message=mgr.outcome.message)
+# a backend whose models are missing and cannot be downloaded (offline): the job says so, with a Download button
+p.endpoint = ARGS["offline"]
+s = bpy.context.scene.gen3d
+s.prompt = "a chair"
+bpy.ops.gen3d.generate_from_text()
+t0 = time.time()
+while mgr.job is not None and time.time() - t0 < 60:
+    mod.manager._timer(); time.sleep(0.02)
+o = mgr.outcome
+log = []
+class Rec2:
+    def __init__(self, path=""): object.__setattr__(self, "path", path)
+    def __setattr__(self, k, v): log.append(["set", self.path, k, v])
+    def label(self, text="", icon="NONE", **k): log.append(["label", text, icon])
+    def operator(self, idname, text=None, **k): log.append(["operator", idname, text]); return Rec2(idname)
+    def row(self, **k): return Rec2(self.path)
+    column = box = row
+mod.ui.draw_outcome(Rec2(), o)
+out["missing"] = dict(state=o.state, code=o.code, message=o.message, drawn=log)
+res, _ = run("download", "")  # the Download button: the backend's own preset
+o = mgr.outcome
+out["offline"] = dict(result=res, state=o.state, code=o.code, message=o.message)
+emit(**out)
+'''
+
+
+def test_model_manager_downloads_and_removes_a_preset_and_a_missing_model_offers_download(blender, tmp_path):
+    from conftest import ServerProcess
+
+    home = tmp_path / "backend_home"
+    tiny = ServerProcess(["--jobs-dir", str(home / "jobs"), "--preset", "tiny"], env={"GEN3D_HOME": str(home)})
+    offline = ServerProcess(["--jobs-dir", str(tmp_path / "jobs2"), "--preset", "default"],
+                            env={"GEN3D_HOME": str(tmp_path / "home2"), "HF_HUB_OFFLINE": "1",
+                                 "HF_HOME": str(tmp_path / "hf")})
+    try:
+        d = blender.run(MODELS_SCRIPT, {"tiny": tiny.endpoint, "offline": offline.endpoint}, timeout=300).data
+    finally:
+        tiny.stop()
+        offline.stop()
+    assert any(x[0] == "label" and "Refresh" in x[1] for x in d["empty"])
+    b = d["before"]
+    assert d["status"] == ["FINISHED"] and b["server"] == "tiny" and b["presets"][0] == "tiny"
+    assert {"default", "stable-zero123", "tiny"} <= set(b["presets"])
+    assert [m["present"] for m in b["tiny"]["models"]] == [False, False]
+    labels = [x[1] for x in b["drawn"] if x[0] == "label"]
+    assert "text_to_image: tiny:stable-diffusion  missing" in labels
+    assert "text_to_image: stable-diffusion-v1-5/stable-diffusion-v1-5  missing" in labels
+    downloads = [x for x in b["drawn"] if x[0] == "set" and x[1] == "gen3d.models" and x[2] == "preset"]
+    assert "tiny" in [x[3] for x in downloads]
+    dl = d["download"]
+    assert dl["result"] == ["FINISHED"] and dl["outcome"] == "done" and "all models present" in dl["message"]
+    msgs = [m[1] for m in dl["seen"]]
+    assert any("1/2 files" in m and "MB" in m for m in msgs) and any("2/2 files" in m for m in msgs), msgs
+    assert any(x[0] == "progress" for x in dl["seen"][0][2]), "the running download draws a progress bar"
+    assert any(x[:2] == ["operator", "gen3d.cancel"] for x in dl["seen"][0][2])
+    assert all(m["present"] and m["bytes"] > 100_000 for m in dl["tiny"]["models"])
+    paths = [m["path"] for m in dl["tiny"]["models"]]
+    assert all(pth.startswith(str(home)) for pth in paths), paths  # on the backend's disk
+    assert any(x[0] == "label" and "tiny:zero123" in x[1] and "MB" in x[1] for x in dl["drawn"])
+    rm = d["remove"]
+    assert rm["result"] == ["FINISHED"] and [m["present"] for m in rm["tiny"]["models"]] == [False, False]
+    assert not any(os.path.exists(pth) for pth in paths), "Remove frees the disk"
+    mi = d["missing"]
+    assert mi["state"] == "error" and mi["code"] == "model_missing" and "stable-diffusion-v1-5" in mi["message"]
+    assert ["operator", "gen3d.models", "Download Models"] in mi["drawn"]
+    assert ["set", "gen3d.models", "action", "download"] in mi["drawn"]
+    off = d["offline"]
+    assert off["state"] == "error" and off["code"] == "model_missing" and "HF_HUB_OFFLINE" in off["message"], off
+
+
 # --------------------------------------------------------------------------- live jobs (blocking, background mode)
 
 TEXT_SCRIPT = r'''

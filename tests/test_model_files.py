@@ -158,12 +158,15 @@ def test_cached_snapshot_is_found_offline_and_an_interrupted_one_is_not(monkeypa
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     index = json.dumps({"_class_name": "X", "unet": ["diffusers", "U"], "safety_checker": ["a", "b"]})
-    snap = _fake_cache(tmp_path, "org/full", {"model_index.json": index, "unet/config.json": "{}"})
+    snap = _fake_cache(tmp_path, "org/full", {"model_index.json": index, "unet/config.json": "{}",
+                                              "unet/diffusion_pytorch_model.safetensors": "w"})
     _fake_cache(tmp_path, "org/partial", {"model_index.json": index})
+    _fake_cache(tmp_path, "org/no_weights", {"model_index.json": index, "unet/config.json": "{}"})
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert store.local_path("org/full") == snap
-    with pytest.raises(ModelMissing, match="not on this machine"):
-        store.local_path("org/partial")
+    for name in ("org/partial", "org/no_weights"):  # stopped before a component, or before its weights
+        with pytest.raises(ModelMissing, match="not on this machine"):
+            store.local_path(name)
 
 
 def _fp16_copy(src, dst, parts, keep_default):

@@ -51,12 +51,12 @@ def fetch_command(preset: str) -> str:
     return f"python -m backend prefetch --preset {preset}"
 
 
-def _cached(name: str) -> Path | None:
+def _cached(name: str, cache_dir: str | os.PathLike | None = None) -> Path | None:
     """The local Hugging Face cache's snapshot of ``name``, without touching the network."""
     from huggingface_hub import snapshot_download
 
     try:
-        path = Path(snapshot_download(name, local_files_only=True))
+        path = Path(snapshot_download(name, local_files_only=True, cache_dir=cache_dir))
     except Exception:  # noqa: BLE001 - not cached (any flavour of hub error)
         return None
     try:  # an interrupted download leaves model_index.json alone: not a model yet
@@ -64,7 +64,16 @@ def _cached(name: str) -> Path | None:
             wanted = components_of(json.load(f)) or set()
     except (OSError, ValueError):
         return None
-    return path if all((path / c).is_dir() for c in wanted) else None
+    return path if all(_component_complete(path / c) for c in wanted) else None
+
+
+def _component_complete(folder: Path) -> bool:
+    """A component folder with a model config has its weights too (a stopped download may leave only the config)."""
+    if not folder.is_dir():
+        return False
+    if not (folder / "config.json").is_file():
+        return True  # scheduler, tokenizer, feature extractor: configs only
+    return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
 
 
 @dataclass
