@@ -12,7 +12,8 @@ def build_registry() -> Registry:
     """Every job kind whose pipeline exists. A kind not implemented is not listed."""
     from .kinds import diagnose, generate, models, reconstruct, refine
 
-    specs = [diagnose.SPEC, models.SPEC, reconstruct.SPEC, generate.TEXT_SPEC, generate.IMAGE_SPEC, refine.SPEC]
+    specs = [diagnose.SPEC, models.SPEC, reconstruct.SPEC, generate.TEXT_SPEC, generate.FRONTS_SPEC, generate.IMAGE_SPEC,
+             refine.SPEC]
     return Registry(specs)
 
 

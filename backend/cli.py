@@ -579,12 +579,41 @@ def _run_reconstruct(args) -> int:
 job_verb("reconstruct", "posed views (transforms.json) -> textured mesh GLB")((_configure_reconstruct, _run_reconstruct))
 
 
+def _configure_fronts(p) -> None:
+    from .kinds.generate import FRONTS_SPEC
+
+    p.add_argument("--prompt", required=True, help="what to make")
+    p.add_argument("--out-dir", required=True, help="folder for front_<seed>.png")
+    add_param_flags(p, FRONTS_SPEC, skip=("prompt",))
+
+
+def _run_fronts(args) -> int:
+    from .kinds.generate import FRONTS_SPEC
+
+    params = dict(params_from_args(args, FRONTS_SPEC), prompt=args.prompt)
+    meta, files = run_job(args, "text_to_image", params, [])
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, seed in enumerate(meta["seeds"]):
+        path = out / f"front_{seed}.png"
+        path.write_bytes(files[f"front_{i}.png"])
+        print(path)
+    print(f"lift one: python -m backend generate --prompt {json.dumps(args.prompt)} --front FILE --seed SEED --out OUT.glb")
+    return 0
+
+
+job_verb("fronts", "prompt -> several front views (seed variations) to choose the one to lift")(
+    (_configure_fronts, _run_fronts))
+
+
 def _configure_generate(p) -> None:
     from .kinds.generate import TEXT_SPEC
 
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="text prompt (text_to_3d)")
     src.add_argument("--image", help="reference image file (image_to_3d)")
+    p.add_argument("--front", default=None, help="with --prompt: lift this front view (one that `fronts` made) "
+                                                  "instead of making one; give its seed with --seed")
     p.add_argument("--out", required=True, help="output file (GLB; OBJ or PLY by --format or its suffix)")
     add_format_flag(p)
     p.add_argument("--reference-out", default=None, help="also write the framed reference image (PNG)")
@@ -597,6 +626,13 @@ def _run_generate(args) -> int:
     if args.prompt is not None:
         kind, params, atts = "text_to_3d", params_from_args(args, TEXT_SPEC), []
         params["prompt"] = args.prompt
+        if args.front:
+            front = Path(args.front)
+            if not front.is_file():
+                raise InputError(f"{front} not found")
+            atts = [P.Attachment("image", "image/png", front.read_bytes())]
+    elif args.front:
+        raise InputError("--front goes with --prompt (for an image alone, use --image)")
     else:
         path = Path(args.image)
         if not path.is_file():

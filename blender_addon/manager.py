@@ -204,6 +204,8 @@ class Manager:
         # builds the Job that fetches an unfinished history entry (set by register; see fetch_unfinished)
         self.resume_factory: Callable[[Any, bool], Job] | None = None
         self.models_info: dict | None = None  # the last ``models`` status: {server_preset, presets: [...]}
+        # the last front-view candidates (text_to_image): {prompt, seeds, pngs, params, serial}
+        self.fronts: dict | None = None
         self.installer = None  # installer.Installer of the local backend, while (and after) it runs
         self.on_installed: Callable[[Any], None] | None = None  # called on the main thread when it ends well
 
@@ -644,6 +646,7 @@ class Manager:
         self.history = None
         self.resume_factory = None
         self.models_info = None
+        self.fronts = None
         bpy = _bpy()
         if bpy is not None and bpy.app.timers.is_registered(_timer):
             bpy.app.timers.unregister(_timer)

@@ -245,12 +245,64 @@ class GEN3D_OT_generate_from_text(_JobOperator, bpy.types.Operator):
         conn = _connection_or_report(self, context, job)
         if conn is None:
             return {"CANCELLED"}
+        if s.choose_front:  # candidates first; GEN3D_OT_use_front lifts the one picked
+            job = Job("text_to_image", "Front views", "TEXT")
+            job.params = {"prompt": prompt, "seed": int(s.seed), "quality": s.quality, "count": int(s.front_count)}
+            if s.negative_prompt.strip():
+                job.params["negative_prompt"] = s.negative_prompt.strip()
+            job.apply = _apply_fronts(dict(generation_params(s), prompt=prompt))
+            return submit_job(self, job, conn)
         job.params = wire_params(s, dict(generation_params(s), prompt=prompt))
         name = "gen3d_" + scene_io.slug(prompt)
         place = scene_io.placement(context, name, {"kind": job.kind, "prompt": prompt, **generation_params(s)},
                                    s.height, s.topology == "QUADS")
         job.apply = _apply_generated(place, job.label)
         return submit_job(self, job, conn, keep={"label": prompt, "name": name})
+
+
+def _apply_fronts(params: dict):
+    def apply(ev):
+        meta = ev.metadata or {}
+        seeds = list(meta.get("seeds", []))
+        pngs = [ev.attachments.get(f"front_{i}.png") for i in range(len(seeds))]
+        if not seeds or not all(pngs):
+            raise RuntimeError("the backend sent no front views")
+        serial = (MANAGER.fronts or {}).get("serial", 0) + 1
+        MANAGER.fronts = {"prompt": params["prompt"], "seeds": seeds, "pngs": pngs, "params": params,
+                          "serial": serial}
+        return f"{len(seeds)} front views of '{params['prompt']}': pick one in the panel to lift it to 3D", []
+
+    return apply
+
+
+class GEN3D_OT_use_front(_JobOperator, bpy.types.Operator):
+    bl_idname = "gen3d.use_front"
+    bl_label = "Lift to 3D"
+    bl_description = "Turn this front view into the textured mesh (its seed, the panel's other settings)"
+    bl_options = {"REGISTER"}
+
+    index: IntProperty(default=0, min=0, options={"SKIP_SAVE"})
+
+    def execute(self, context):
+        s = context.scene.gen3d
+        job = Job("text_to_3d", "Generate from text", "TEXT")
+        fronts = MANAGER.fronts
+        if not fronts or self.index >= len(fronts["seeds"]):
+            return report_outcome(self, job, "error", "No such front view: press Generate first", "input")
+        conn = _connection_or_report(self, context, job)
+        if conn is None:
+            return {"CANCELLED"}
+        P, _ = wire.require()
+        prompt, seed = fronts["prompt"], int(fronts["seeds"][self.index])
+        # the settings now in the panel (quality, faces... may have changed since), the front's prompt and seed
+        params = dict(generation_params(s), prompt=prompt, seed=seed)
+        job.params = wire_params(s, params)
+        job.attachments = [P.Attachment("image", "image/png", fronts["pngs"][self.index])]
+        name = "gen3d_" + scene_io.slug(prompt)
+        place = scene_io.placement(context, name, {"kind": job.kind, "prompt": prompt, "front_view": "chosen", **params},
+                                   s.height, s.topology == "QUADS")
+        job.apply = _apply_generated(place, job.label)
+        return submit_job(self, job, conn, keep={"label": prompt, "name": name, "image": fronts["pngs"][self.index]})
 
 
 class GEN3D_OT_image_to_3d(_JobOperator, bpy.types.Operator):
@@ -526,7 +578,8 @@ class GEN3D_OT_history_regenerate(bpy.types.Operator):
         place = scene_io.placement(context, entry.name or "gen3d_" + scene_io.slug(entry.label), info, s.height,
                                    entry.params.get("topology") == "quad")
         job.apply = _apply_generated(place, job.label)
-        keep = {"label": entry.label, "name": entry.name, "image": MANAGER.history.read(entry.image)}
+        keep = {"label": entry.label, "name": entry.name,
+                "image": MANAGER.history.read(entry.image) if entry.kind == "image_to_3d" else None}
         return submit_job(self, job, conn, keep=keep, extras=False)
 
 
@@ -712,4 +765,5 @@ def _connect(op, context, force_start: bool):
 CLASSES = (GEN3D_OT_generate_from_text, GEN3D_OT_image_to_3d, GEN3D_OT_refine_texture, GEN3D_OT_cancel,
            GEN3D_OT_dismiss, GEN3D_OT_report, GEN3D_OT_test_connection, GEN3D_OT_start_backend, GEN3D_OT_stop_backend,
            GEN3D_OT_history_import, GEN3D_OT_history_regenerate, GEN3D_OT_history_fetch, GEN3D_OT_history_remove,
-           GEN3D_OT_install_backend, GEN3D_OT_cancel_install, GEN3D_OT_open_install_log, GEN3D_OT_models)
+           GEN3D_OT_install_backend, GEN3D_OT_cancel_install, GEN3D_OT_open_install_log, GEN3D_OT_models,
+           GEN3D_OT_use_front)

@@ -48,6 +48,11 @@ class GEN3D_SceneSettings(bpy.types.PropertyGroup):
         name="Height", default=1.0, min=0.0, soft_max=10.0, subtype="DISTANCE", unit="LENGTH",
         description=("Height of the generated object in the scene; it stands on the 3D cursor with its origin at "
                      "the bottom centre (0: keep the backend's size, a unit sphere around the cursor)"))
+    choose_front: BoolProperty(
+        name="Choose the Front View First", default=False,
+        description="Generate makes several front views (seed variations) first; pick the one to lift to 3D")
+    front_count: IntProperty(name="Candidates", default=4, min=2, max=8,
+                             description="How many front views to choose from (seeds Seed, Seed + 1, ...)")
     refine: BoolProperty(name="Refine Texture", default=True,
                          description="Finish generated objects with texture refinement (slower, sharper)")
     image: PointerProperty(name="Reference Image", type=bpy.types.Image,

@@ -63,6 +63,39 @@ def preview_icon(job) -> int:
 
 
 _thumbs = None
+_fronts = None
+
+
+def front_icon(i: int) -> int:
+    """icon_id of front-view candidate ``i`` of MANAGER.fronts."""
+    global _fronts
+    f = MANAGER.fronts
+    if not f:
+        return 0
+    if _fronts is None:
+        import bpy.utils.previews
+
+        _fronts = bpy.utils.previews.new()
+    key = f"{f['serial']}_{i}"
+    if key not in _fronts:
+        path = os.path.join(MANAGER.tmpdir(), f"front_{key}.png")
+        with open(path, "wb") as fh:
+            fh.write(f["pngs"][i])
+        _fronts.load(key, path, "IMAGE")
+    return _fronts[key].icon_id
+
+
+def _draw_fronts(layout) -> None:
+    f = MANAGER.fronts
+    if not f:
+        return
+    box = layout.box()
+    box.label(text=f"Pick a front view of '{f['prompt'][:30]}':", icon="IMAGE_DATA")
+    grid = box.grid_flow(columns=2, even_columns=True, even_rows=True, align=True)
+    for i, seed in enumerate(f["seeds"]):
+        cell = grid.column(align=True)
+        cell.template_icon(icon_value=front_icon(i), scale=5.0)
+        cell.operator("gen3d.use_front", text=f"Lift seed {seed}", icon="MESH_MONKEY").index = i
 
 
 def thumb_icon(entry) -> int:
@@ -82,14 +115,13 @@ def thumb_icon(entry) -> int:
 
 
 def clear_previews() -> None:
-    global _previews, _preview_key, _preview_path, _thumbs
+    global _previews, _preview_key, _preview_path, _thumbs, _fronts
     import bpy.utils.previews
 
-    if _previews is not None:
-        bpy.utils.previews.remove(_previews)
-    if _thumbs is not None:
-        bpy.utils.previews.remove(_thumbs)
-    _previews = _preview_key = _preview_path = _thumbs = None
+    for coll in (_previews, _thumbs, _fronts):
+        if coll is not None:
+            bpy.utils.previews.remove(coll)
+    _previews = _preview_key = _preview_path = _thumbs = _fronts = None
 
 
 def image_icon(image) -> int:
@@ -202,9 +234,15 @@ class GEN3D_PT_generate_text(_Gen3DPanel, bpy.types.Panel):
         layout = self.layout
         s = context.scene.gen3d
         layout.prop(s, "prompt", text="", placeholder="Prompt, e.g. a red wooden chair")
+        row = layout.row()
+        row.prop(s, "choose_front", text="Choose Front First")
+        sub = row.row()
+        sub.enabled = s.choose_front
+        sub.prop(s, "front_count", text="")
         _draw_generation_settings(layout, s, "gen3d_text_settings")
-        _run_button(layout, "gen3d.generate_from_text", "Generate", "PLAY")
+        _run_button(layout, "gen3d.generate_from_text", "Generate Fronts" if s.choose_front else "Generate", "PLAY")
         draw_status(layout, "TEXT")
+        _draw_fronts(layout)
 
 
 class GEN3D_PT_image_to_3d(_Gen3DPanel, bpy.types.Panel):

@@ -130,9 +130,24 @@ def _t2i(inputs, ctx):
     meta = {"front": [0, -1, 0], "up": [0, 0, 1], "radius": 1.0, "faces": nf, "prompt": p["prompt"],
             "seed": p["seed"], "quality": p["quality"], "texture_size": p["texture_size"], "refine": p["refine"],
             "stub": True}
+    front = inputs.attachments.get("image")  # a chosen front view: the stand-in echoes it as the reference
+    if front is not None:
+        meta["front_view"] = "chosen"
     files = [Attachment("model.glb", "model/gltf-binary", data),
-             Attachment("reference.png", "image/png", _png(np.full((16, 16, 3), 128, np.uint8)))]
+             Attachment("reference.png", "image/png", front or _png(np.full((16, 16, 3), 128, np.uint8)))]
     return JobOutput(_with_quads(files, mesh, p, meta), meta)
+
+
+def _fronts(inputs, ctx):
+    from backend.service.jobs import JobOutput
+    from gen3d_wire.protocol import Attachment
+
+    p = inputs.params
+    seeds = [p["seed"] + i for i in range(p["count"])]
+    _run_stages(ctx, [f"front {i + 1}" for i in range(len(seeds))], preview_stages=())
+    files = [Attachment(f"front_{i}.png", "image/png", _png(np.full((16, 16, 3), 40 * i % 256, np.uint8)))
+             for i in range(len(seeds))]
+    return JobOutput(files, {"prompt": p["prompt"], "seeds": seeds, "stub": True})
 
 
 def _i2t(inputs, ctx):
@@ -205,7 +220,12 @@ def stub_specs():
     )
     return [
         JobSpec("text_to_3d", "stand-in: textured icosphere", _t2i, params=(Param("prompt", str, ""),) + gen,
-                check=_need_prompt),
+                attachments=(AttachmentSpec("image", "image", False, "a chosen front view"),), check=_need_prompt),
+        JobSpec("text_to_image", "stand-in: flat grey front views", _fronts,
+                params=(Param("prompt", str, ""), Param("negative_prompt", str, ""), Param("seed", int, 0, min=0),
+                        Param("quality", str, "standard", choices=("draft", "standard", "high")),
+                        Param("steps", int, 0, min=0), Param("guidance", float, 7.5, min=0.0),
+                        Param("count", int, 4, min=1, max=8)), check=_need_prompt),
         JobSpec("image_to_3d", "stand-in: textured icosphere from an image", _i2t,
                 params=(Param("prompt", str, ""),) + gen,
                 attachments=(AttachmentSpec("image", "image", True, "reference image"),)),

@@ -817,6 +817,69 @@ def test_cancel_mid_job_leaves_the_scene_as_it_was(blender, backend_server):
     assert d["backend_state"] == "cancelled"
 
 
+# --------------------------------------------------------------------------- text to 3D with a choice of front
+
+FRONTS_SCRIPT = r'''
+enable_source_addon()
+mod = addon_module()
+mgr = mod.manager.MANAGER
+p = prefs(); p.endpoint = ARGS["endpoint"]; p.timeout = 10.0
+scene = bpy.context.scene
+clear_objects(keep=("Camera",))
+s = scene.gen3d
+s.extra_params = ARGS.get("extra", "")
+s.prompt = "a red chair"; s.seed = 20; s.quality = "draft"; s.faces = 2000; s.texture_size = "256"
+s.choose_front = True; s.front_count = 3
+before = set(object_names())
+res = bpy.ops.gen3d.generate_from_text()
+f = mgr.fronts
+out = dict(first=dict(result=sorted(res), new=sorted(set(object_names()) - before), seeds=f["seeds"],
+                      pngs=[x[:8] == b"\x89PNG\r\n\x1a\n" for x in f["pngs"]], message=mgr.outcome.message))
+log = []
+class Rec:
+    def __init__(self, path=""): object.__setattr__(self, "path", path)
+    def __setattr__(self, k, v): log.append(["set", self.path, k, v])
+    def label(self, text="", icon="NONE", **k): log.append(["label", text, icon])
+    def prop(self, data, name, **k): log.append(["prop", name])
+    def operator(self, idname, text=None, **k): log.append(["operator", idname, text]); return Rec(idname)
+    def template_icon(self, icon_value=0, scale=1.0): log.append(["template_icon"])
+    def progress(self, **k): log.append(["progress"])
+    def panel(self, idname, default_closed=False): return Rec(), None
+    def row(self, **k): return Rec(self.path)
+    column = box = grid_flow = row
+class FakePanel:
+    layout = Rec()
+mod.ui.GEN3D_PT_generate_text.draw(FakePanel(), bpy.context)
+out["drawn"] = log
+res = bpy.ops.gen3d.use_front(index=1)
+new = [bpy.data.objects[n] for n in object_names() if n not in before and bpy.data.objects[n].type == "MESH"]
+info = json.loads(new[0].get("gen3d", "{}")) if new else {}
+e = mgr.history.entries()[0]
+out["lift"] = dict(result=sorted(res), objects=[o.name for o in new], seed=new[0].get("gen3d_seed") if new else None,
+                   front=info.get("front_view"), backend_front=(info.get("metadata") or {}).get("front_view"),
+                   entry=dict(label=e.label, seed=e.seed, state=e.state, kind=e.kind))
+emit(**out)
+'''
+
+
+def test_text_to_3d_with_a_choice_of_front_views(blender, backend_server):
+    endpoint, stub = need(backend_server, "text_to_image", "text_to_3d")
+    d = blender.run(FRONTS_SCRIPT, {"endpoint": endpoint, "extra": fast(stub)}, timeout=SESSION_TIMEOUT).data
+    first = d["first"]
+    assert first["result"] == ["FINISHED"] and first["new"] == [], "the candidates add nothing to the scene"
+    assert first["seeds"] == [20, 21, 22] and first["pngs"] == [True] * 3 and "pick one" in first["message"]
+    drawn = d["drawn"]
+    assert sum(1 for x in drawn if x[0] == "template_icon") == 3
+    assert [x[2] for x in drawn if x[:2] == ["operator", "gen3d.use_front"]] == ["Lift seed 20", "Lift seed 21",
+                                                                                   "Lift seed 22"]
+    assert [x[3] for x in drawn if x[:3] == ["set", "gen3d.use_front", "index"]] == [0, 1, 2]
+    assert ["operator", "gen3d.generate_from_text", "Generate Fronts"] in drawn
+    lift = d["lift"]
+    assert lift["result"] == ["FINISHED"] and len(lift["objects"]) == 1 and lift["seed"] == 21
+    assert lift["front"] == "chosen" and lift["backend_front"] == "chosen"  # the backend lifted the image it got
+    assert lift["entry"] == {"label": "a red chair", "seed": 21, "state": "done", "kind": "text_to_3d"}
+
+
 # --------------------------------------------------------------------------- queue and history
 
 QUEUE_SCRIPT = r'''

@@ -387,3 +387,30 @@ def test_text_to_image_asks_for_the_front_view():
     text_to_image(FakePipe(), "a wooden chair", "", steps=1, size=8)
     assert seen["prompt"].startswith("a wooden chair, front view")
     assert "back view" in seen["negative"] and "side view" in seen["negative"]
+
+
+def test_front_candidates_and_lifting_the_chosen_one(tiny_store):
+    """text_to_image makes seed variations (a candidate's seed makes it again); text_to_3d with one of them as
+    ``image`` lifts it without a text-to-image pass of its own."""
+    from backend.kinds import generate
+    from backend.common.dataset import decode_image
+    from backend.common.progress import Progress
+    from backend.service.jobs import JobContext, Limits
+    from gen3d_wire.protocol import Attachment
+
+    def run(spec, params, atts=()):
+        events = []
+        ctx = JobContext(Progress(lambda *a: events.append(a)), "cpu", tiny_store, None, Limits())
+        return spec.handler(spec.validate(params, list(atts), Limits()), ctx), events
+
+    out, events = run(generate.FRONTS_SPEC, {"prompt": "a red mug", "seed": 5, "count": 3, "steps": 2})
+    assert out.metadata["seeds"] == [5, 6, 7] and [a.name for a in out.attachments] == [f"front_{i}.png" for i in range(3)]
+    imgs = [decode_image(a.data, 10**7, "front") for a in out.attachments]
+    assert all(abs(imgs[0] - im).mean() > 1e-3 for im in imgs[1:]), "each seed its own picture"
+    again, _ = run(generate.FRONTS_SPEC, {"prompt": "a red mug", "seed": 6, "count": 1, "steps": 2})
+    assert again.attachments[0].data == out.attachments[1].data, "a candidate's seed gives it again"
+    assert {e[0] for e in events} >= {"front 1", "front 2", "front 3"}
+    lifted, events = run(generate.TEXT_SPEC, {"prompt": "a red mug", "seed": 6, **FAST},
+                         [Attachment("image", "image/png", out.attachments[1].data)])
+    assert lifted.metadata["front_view"] == "chosen" and lifted.metadata["front"] == [0.0, -1.0, 0.0] and "text_to_image" not in lifted.metadata["timings"]
+    assert "text_to_image" not in {e[0] for e in events}

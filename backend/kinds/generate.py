@@ -91,7 +91,7 @@ T2I = (
 
 def _need_prompt(inputs: JobInputs) -> None:
     if not inputs.params["prompt"].strip():
-        raise ValueError("'text_to_3d' needs a non-empty 'prompt'")
+        raise ValueError("a text job needs a non-empty 'prompt'")
 
 
 def _models(ctx: JobContext):
@@ -145,6 +145,10 @@ def zero123_prior(models, guidance_scale: float = 5.0):
 def _handle_text(inputs: JobInputs, ctx: JobContext) -> JobOutput:
     p = inputs.params
     models = _models(ctx)
+    if "image" in inputs.attachments:  # a front view chosen from text_to_image's candidates: lift it
+        image = decode_image(inputs.attachments["image"], ctx.limits.max_image_pixels, "the chosen front view")
+        extra = {"prompt": p["prompt"], "models": models.describe(), "front_view": "chosen"}
+        return _generate(inputs, ctx, image, p["prompt"], extra, ctx.progress)
     q = QUALITY[p["quality"]]
     plan = ctx.progress.stages({"text_to_image": 10, "generate": 90})
     t0 = time.perf_counter()
@@ -153,6 +157,26 @@ def _handle_text(inputs: JobInputs, ctx: JobContext) -> JobOutput:
     plan["text_to_image"].update(1.0, "front view", encode_png(image))
     extra = {"prompt": p["prompt"], "models": models.describe(), "text_to_image_seconds": time.perf_counter() - t0}
     return _generate(inputs, ctx, image, p["prompt"], extra, plan["generate"])
+
+
+def _handle_fronts(inputs: JobInputs, ctx: JobContext) -> JobOutput:
+    """``count`` front views of the prompt, seeds ``seed``, ``seed + 1``, ...: the candidates an artist picks
+    one of before lifting it to 3D (``text_to_3d`` with it as ``image``, and its seed)."""
+    p = inputs.params
+    models = _models(ctx)
+    steps = p["steps"] or QUALITY[p["quality"]]["steps"]
+    seeds = [min(p["seed"] + i, 2**31 - 1) for i in range(p["count"])]
+    plan = ctx.progress.stages({f"front {i + 1}": 1.0 for i in range(len(seeds))})
+    files, t0 = [], time.perf_counter()
+    for i, seed in enumerate(seeds):
+        pr = plan[f"front {i + 1}"]
+        image = text_to_image(models.stable_diffusion(), p["prompt"], p["negative_prompt"], steps, p["guidance"],
+                              seed, progress=pr)
+        png = encode_png(image)
+        pr.update(1.0, f"front view {i + 1} of {len(seeds)} (seed {seed})", png)
+        files.append(Attachment(f"front_{i}.png", "image/png", png))
+    return JobOutput(files, {"prompt": p["prompt"], "seeds": seeds, "steps": steps, "models": models.describe(),
+                             "seconds_per_image": (time.perf_counter() - t0) / len(seeds)})
 
 
 def _handle_image(inputs: JobInputs, ctx: JobContext) -> JobOutput:
@@ -165,6 +189,18 @@ TEXT_SPEC = JobSpec(
     description="Prompt -> front view -> novel views -> textured mesh (GLB, unit sphere, front -Y).",
     handler=_handle_text,
     params=T2I + COMMON,
+    attachments=(AttachmentSpec("image", "image", False, "optional: the front view to lift (one of text_to_image's "
+                                                         "candidates); the prompt then serves the refinement"),),
+    check=_need_prompt,
+)
+FRONTS_SPEC = JobSpec(
+    kind="text_to_image",
+    description="Prompt -> several front views (seed variations), to choose the one text_to_3d lifts.",
+    handler=_handle_fronts,
+    params=T2I + (Param("quality", str, "standard", "draft | standard | high: the steps when not given",
+                        choices=tuple(QUALITY)),
+                  Param("seed", int, 0, "the first candidate's seed; the others count up", min=0, max=2**31 - 1),
+                  Param("count", int, 4, "how many candidates", min=1, max=8)),
     check=_need_prompt,
 )
 IMAGE_SPEC = JobSpec(
