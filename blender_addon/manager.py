@@ -121,6 +121,7 @@ class Job:
     history_id: str | None = None  # its entry in Manager.history (text and image to 3D)
     resume_job: str | None = None  # follow this earlier backend job (by id) instead of submitting
     import_result: bool = True  # False: a fetched result goes into the history only
+    outcome: Outcome | None = None  # how it ended
 
 
 def human_size(n: float) -> str:
@@ -305,7 +306,8 @@ class Manager:
             self.queue.remove(job)
             self._forget(job)
             self._renumber()
-            self.outcome = Outcome("cancelled", job.panel, job.label, "Taken out of the queue before it was sent.")
+            self.outcome = job.outcome = Outcome("cancelled", job.panel, job.label,
+                                                 "Taken out of the queue before it was sent.")
             _tag_redraw()
             return True
         if job is not None and job is not self.job:
@@ -590,6 +592,7 @@ class Manager:
 
     def _finish(self, outcome: Outcome) -> None:
         if self.job is not None:
+            self.job.outcome = outcome
             self._end_entry(self.job, outcome)
         if self._watcher is not None:
             self._watcher.close()

@@ -119,7 +119,8 @@ def submit_job(op, job: Job, conn, keep: dict | None = None, extras: bool = True
     if MANAGER.job is None:  # ended at once (the backend could not be started)
         return _report_final(op, MANAGER.outcome)
     if MANAGER.is_blocking():
-        return _report_final(op, MANAGER.wait())
+        MANAGER.wait()  # (with what queued itself behind it: fetches of results left on the backend)
+        return _report_final(op, job.outcome or MANAGER.outcome)
     where = f"queued ({len(MANAGER.queue)} waiting)" if queued else "started"
     op.report({"INFO"}, f"{job.label}: {where} (progress in the sidebar, Generate tab)")
     return {"FINISHED"}
@@ -299,8 +300,8 @@ class GEN3D_OT_use_front(_JobOperator, bpy.types.Operator):
         job.params = wire_params(s, params)
         job.attachments = [P.Attachment("image", "image/png", fronts["pngs"][self.index])]
         name = "gen3d_" + scene_io.slug(prompt)
-        place = scene_io.placement(context, name, {"kind": job.kind, "prompt": prompt, "front_view": "chosen", **params},
-                                   s.height, s.topology == "QUADS")
+        info = {"kind": job.kind, "prompt": prompt, "front_view": "chosen", **params}
+        place = scene_io.placement(context, name, info, s.height, s.topology == "QUADS")
         job.apply = _apply_generated(place, job.label)
         return submit_job(self, job, conn, keep={"label": prompt, "name": name, "image": fronts["pngs"][self.index]})
 

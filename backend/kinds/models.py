@@ -48,11 +48,15 @@ def _handle(inputs: JobInputs, ctx: JobContext) -> JobOutput:
     if action == "remove":
         return JobOutput([], _report(preset, manage.remove(preset, p["roles"] or None)))
     pr = ctx.progress.child("download", 0.0, 1.0)
+    last = [-1]
 
     def progress(files_done, files_total, bytes_done, bytes_total, what):
         frac = min(bytes_done / bytes_total, 1.0) if bytes_total else (files_done / files_total if files_total else 1.0)
         sizes = f", {human_size(bytes_done)}" + (f" of {human_size(bytes_total)}" if bytes_total else "")
-        pr.update(frac, f"{files_done}/{files_total} files{sizes}" + (f": {what}" if what else ""))
+        # every finished file is reported (the byte ticks in between are rate-limited)
+        pr.update(frac, f"{files_done}/{files_total} files{sizes}" + (f": {what}" if what else ""),
+                  force=files_done != last[0])
+        last[0] = files_done
 
     models = manage.download(preset, progress, cancelled=lambda: pr.cancelled)
     pr.check()  # a cancel that stopped the download ends the job as cancelled
