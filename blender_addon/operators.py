@@ -177,9 +177,20 @@ def _apply_generated(place, label):
         place.info.update({"job": ev.job, "metadata": ev.metadata})
         summary, names = scene_io.import_generated(ev, place, MANAGER.tmpdir())
         undo_push(label)
-        return summary, names
+        return summary + elevation_note(ev.metadata), names
 
     return apply
+
+
+def elevation_note(metadata) -> str:
+    """What the result says of an estimated reference elevation, for the panel's message."""
+    el = (metadata or {}).get("elevation") if isinstance(metadata, dict) else None
+    if not isinstance(el, dict) or el.get("given", True):
+        return ""
+    if el.get("used"):
+        return f"; elevation estimated {el.get('value', 0):.0f} deg (confidence {el.get('confidence', 0):.2f})"
+    return (f"; elevation {el.get('value', 0):.0f} deg: the estimate ({el.get('degrees', 0):.0f} deg) was not "
+            f"confident ({el.get('confidence', 0):.2f}), set it by hand if the shape leans")
 
 
 PANEL_OF = {"text_to_3d": "TEXT", "image_to_3d": "IMAGE"}
@@ -329,7 +340,8 @@ class GEN3D_OT_image_to_3d(_JobOperator, bpy.types.Operator):
             return {"CANCELLED"}
         P, _ = wire.require()
         params = generation_params(s)
-        params["reference_elevation"] = float(math.degrees(s.reference_elevation))
+        if not s.elevation_auto:  # (Auto: the backend estimates it and says so in the result's metadata)
+            params["reference_elevation"] = float(math.degrees(s.reference_elevation))
         if s.prompt.strip():
             params["prompt"] = s.prompt.strip()
         job.params = wire_params(s, params)

@@ -57,6 +57,10 @@ class GEN3D_SceneSettings(bpy.types.PropertyGroup):
                          description="Finish generated objects with texture refinement (slower, sharper)")
     image: PointerProperty(name="Reference Image", type=bpy.types.Image,
                            description="Image to turn into 3D (used when the active object is not an image empty)")
+    elevation_auto: BoolProperty(
+        name="Auto Elevation", default=True,
+        description="Estimate how far above the object the reference was taken (from a few probe views of the "
+                    "novel-view model); off: use the Elevation below")
     reference_elevation: FloatProperty(
         name="Reference Elevation", default=0.0, min=-math.radians(80), max=math.radians(80), subtype="ANGLE",
         description="How far above the object the reference picture was taken (0: level with it)")

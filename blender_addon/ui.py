@@ -269,7 +269,11 @@ class GEN3D_PT_image_to_3d(_Gen3DPanel, bpy.types.Panel):
         col = layout.column()
         col.use_property_split = True
         col.use_property_decorate = False
-        col.prop(s, "reference_elevation", text="Elevation")
+        row = col.row(heading="Elevation")
+        row.prop(s, "elevation_auto", text="Auto")
+        sub = row.row()
+        sub.enabled = not s.elevation_auto
+        sub.prop(s, "reference_elevation", text="")
         col.prop(s, "prompt", text="Prompt")
         _draw_generation_settings(layout, s, "gen3d_image_settings")
         _run_button(layout, "gen3d.image_to_3d", "Generate from Image", "PLAY")

@@ -77,6 +77,9 @@ class OracleViews:
     flip_azimuth: bool = False
     kind: str = "zero123"
     mesh: object = None
+    # the elevation the reference was really seen from: set, the views are made relative to it whatever
+    # elevation the caller assumes (as Zero-1-to-3 does: it is told relative poses only)
+    true_elevation: float | None = None
 
     def reference_c2w(self, elevation: float) -> np.ndarray:
         el = math.radians(elevation)
@@ -105,6 +108,8 @@ class OracleViews:
     def __call__(self, reference: np.ndarray, reference_elevation: float, poses, progress=None) -> np.ndarray:
         from backend.common import cameras as cam
 
+        if self.true_elevation is not None:
+            reference_elevation = self.true_elevation
         ref = self.reference_c2w(reference_elevation)
         c2ws = []
         for d_el, d_az, d_r in poses:

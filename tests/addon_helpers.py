@@ -213,7 +213,7 @@ def stub_specs():
         Param("steps", int, 0, min=0), Param("guidance", float, 7.5, min=0.0), Param("views", int, 0, min=0),
         Param("view_steps", int, 0, min=0), Param("iterations", int, 0, min=0),
         Param("faces", int, 20000, min=100, max=1_000_000), Param("texture_size", int, 1024, min=64, max=8192),
-        Param("reference_elevation", float, 0.0, min=-90.0, max=90.0), Param("refine", bool, True),
+        Param("reference_elevation", float, None, min=-90.0, max=90.0, nullable=True), Param("refine", bool, True),
         Param("refine_steps", int, 0, min=0), Param("material", str, "pbr", choices=("pbr", "albedo")),
         Param("metallic", float, -1.0, min=-1.0, max=1.0), Param("roughness", float, -1.0, min=-1.0, max=1.0),
         Param("topology", str, "tri", choices=("tri", "quad")),

@@ -537,6 +537,7 @@ px[10:30, 20:40, 3] = 1.0          # an opaque square on a transparent backgroun
 px[h - 1, :, 2] = 1.0              # Blender's first row is the bottom one: blue bottom row
 img.pixels.foreach_set(px.ravel())
 s.image = img
+s.elevation_auto = False  # an explicit elevation is sent as it is
 s.reference_elevation = math.radians(15.0)
 out = {}
 res = bpy.ops.gen3d.image_to_3d()
@@ -551,6 +552,7 @@ empty = bpy.context.active_object
 empty.data = img2
 s.topology = "QUADS"
 s.faces = 600
+s.elevation_auto = True  # not sent: the backend estimates it
 res = bpy.ops.gen3d.image_to_3d()
 obj = bpy.context.view_layer.objects.active
 sizes = [p.loop_total for p in obj.data.polygons]
@@ -593,7 +595,12 @@ def test_image_to_3d_sends_the_reference_image_pixels(blender, backend_server):
         assert mean[3] == pytest.approx(255 * opaque, abs=0.6)
         assert mean[0] == pytest.approx(255, abs=0.6)
         assert m2["image_size"] == [40, 40] and m2["image_mode"] == "RGB"  # no real alpha: RGB
+        assert m2["reference_elevation"] is None  # Auto: left to the backend
         assert m2["image_mean"][0] == pytest.approx(round(0.25 * 255), abs=1)  # byte image: sent as stored
+    else:
+        assert second["info"]["metadata"]["elevation"]["given"] is False
+        el = first["info"]["metadata"]["elevation"]
+        assert el["given"] is True and el["value"] == pytest.approx(15.0)
 
 
 REFINE_SCRIPT = r'''

@@ -76,7 +76,8 @@ COMMON = (
           "distillation (-1: by quality)", min=-1, max=20),
     Param("faces", int, 20000, "face budget of the mesh", min=100, max=2_000_000),
     Param("texture_size", int, 0, "texture size in pixels (0: by quality)", min=0, max=8192),
-    Param("reference_elevation", float, 0.0, "elevation (degrees) of the camera that saw the reference", min=-60.0, max=80.0),
+    Param("reference_elevation", float, None, "elevation (degrees) of the camera that saw the reference; null (the "
+          "default): estimated from probe views of the novel-view model", min=-60.0, max=80.0, nullable=True),
     Param("refine", bool, True, "finish with SDS texture refinement"),
     Param("refine_steps", int, 0, "texture refinement steps (0: by quality)", min=0, max=10000),
     Param("ply", bool, False, "also return the Gaussians as gaussians.ply (the GLB's frame)", cli=False),

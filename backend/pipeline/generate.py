@@ -28,6 +28,7 @@ from ..common.progress import NULL, Progress
 from ..gaussians.model import Gaussians
 from ..gaussians.train import train_gaussians
 from .distill import DistillSettings, distill_gaussians
+from .elevation import estimate_elevation
 from .novel_views import (FOV_DEG, RADIUS, NovelViewGenerator, absolute_pose, contact_sheet, plan_views, prepare_reference,
                           view_weights)
 from .reconstruct import ReconstructSettings, gaussians_to_textured_mesh
@@ -67,7 +68,7 @@ class GenerateSettings:
     views: int = 12
     view_steps: int = 50
     view_guidance: float = 3.0
-    reference_elevation: float = 0.0
+    reference_elevation: float | None = 0.0  # None: estimated from probe views (backend.pipeline.elevation)
     seed: int = 0
     segmenter: str = "auto"
     resolution: int = 128  # reconstruction works on views of this size
@@ -131,7 +132,7 @@ def image_to_3d(image: np.ndarray, generator: NovelViewGenerator, settings: Gene
     one (or with ``settings.distill.steps`` 0) the Gaussians are fitted to the views alone."""
     s = settings or GenerateSettings()
     distilling = prior is not None and s.distill.steps > 0
-    plan = progress.stages({"segment": 1, "novel_views": 20, "gaussians": 35, "distill": 30 if distilling else 0.001,
+    plan = progress.stages({"segment": 1, "elevation": 3 if s.reference_elevation is None else 0.001, "novel_views": 20, "gaussians": 35, "distill": 30 if distilling else 0.001,
                             "surface": 15, "refine": 15 if (s.refine and refiner) else 0.001, "export": 1})
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -141,6 +142,15 @@ def image_to_3d(image: np.ndarray, generator: NovelViewGenerator, settings: Gene
     p.update(1.0, f"foreground by {matte.method}, {matte.coverage:.0%} of the image", encode_png(reference))
     timings["segment"] = time.perf_counter() - t
 
+    elevation_report = {"value": s.reference_elevation, "given": True}
+    if s.reference_elevation is None:  # estimated: the elevation under which the model's probe views agree
+        t = time.perf_counter()
+        est = estimate_elevation(reference, generator, plan["elevation"])
+        s.reference_elevation = est.value  # (the refiner reads it from the settings too)
+        elevation_report = {**est.to_dict(), "given": False}
+        plan["elevation"].update(1.0, f"elevation {est.value:.1f} deg" + ("" if est.used else
+                                 f" (estimate {est.degrees:.1f} deg not confident: {est.confidence:.2f})"))
+        timings["elevation"] = time.perf_counter() - t
     t = time.perf_counter()
     poses = plan_views(s.views, s.reference_elevation)
     novel = generator(reference, s.reference_elevation, poses, plan["novel_views"])
@@ -192,7 +202,7 @@ def image_to_3d(image: np.ndarray, generator: NovelViewGenerator, settings: Gene
     plan["export"].update(1.0)
     stats = {**rec.stats, **extra, "segmentation": matte.method, "reference_coverage": matte.coverage,
              "reframed": framing["reframed"], "views": len(novel), "view_weights": [round(float(w), 3) for w in views.weights],
-             "front": [0.0, -1.0, 0.0], "up": [0.0, 0.0, 1.0], "radius": 1.0}
+             "front": [0.0, -1.0, 0.0], "up": [0.0, 0.0, 1.0], "radius": 1.0, "elevation": elevation_report}
     return GenerateResult(mesh, reference, novel_rgba, norm, timings, stats,
                           g.moved(norm["center"], norm["scale"]).to("cpu"))
 
