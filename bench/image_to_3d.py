@@ -149,7 +149,8 @@ def run_one(obj: str, kind: str, args, work: Path, device: str) -> dict:
            "reference_psnr": ref_psnr, "seconds": wall, "peak_rss_gb": mem.peak / 1e9, "timings": res.timings,
            "novel_views": int(len(res.views)),
            **{k: res.stats.get(k) for k in ("watertight", "boundary_edges", "non_manifold_edges", "components", "genus", "faces",
-                                            "atlas_use", "texture_coverage",
+                                            "atlas_use", "texture_coverage", "uv_charts", "uv_seam_edges",
+                                            "uv_seam_fraction",
                                             "view_disagreement", "view_updates", "prior_pose")}}
     if device.startswith("cuda"):
         out["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
@@ -217,11 +218,13 @@ def main() -> None:
     what = info.get("gpu_name") or f"{info['cpu_count']} CPU cores"
     print(f"\ndevice {device} ({what}), quality {args.quality}, {args.test} held-out views at {args.resolution} px")
     print(f"{'object':8} {'views':9} {'prior':6} {'PSNR':>6} {'IoU':>6} {'chamfer':>8} {'F@1%':>6} {'refPSNR':>8} "
-          f"{'time s':>7} {'peakGB':>7} {'watertight':>10} {'genus':>5} {'atlas':>5} {'nmap s':>6}")
+          f"{'time s':>7} {'peakGB':>7} {'watertight':>10} {'genus':>5} {'atlas':>5} {'charts':>6} {'seams':>5} "
+          f"{'nmap s':>6}")
     for r in rows:
         print(f"{r['object']:8} {r['views']:9} {r['prior']:6} {r['psnr']:6.2f} {r['mask_iou']:6.3f} {r['chamfer']:8.4f} "
               f"{r['fscore']:6.3f} {r['reference_psnr']:8.2f} {r['seconds']:7.1f} {r['peak_rss_gb']:7.2f} "
               f"{str(r['watertight']):>10} {str(r['genus']):>5} {r['atlas_use'] or 0:5.2f} "
+              f"{r['uv_charts'] or 0:6d} {r['uv_seam_fraction'] or 0:5.2f} "
               f"{r['timings'].get('surface.normal_map', 0.0):6.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

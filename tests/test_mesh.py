@@ -368,3 +368,19 @@ def test_a_coarse_surface_is_subdivided_up_to_the_face_budget():
     np.testing.assert_allclose(np.linalg.norm(v2, axis=1), 1.0, atol=0.03)  # the same sphere, finer
     v3, f3, _ = clean_mesh(v, f, CleanSettings(target_faces=2000, smoothing_steps=0, fill_budget=0.0))
     assert len(f3) == 320  # a ceiling only
+
+
+def test_uv_seams_counts_the_cut_edges_and_the_islands():
+    import trimesh
+
+    from backend.mesh.uv import padding_for, unwrap, uv_seams
+
+    box = trimesh.creation.box()
+    f = np.asarray(box.faces)
+    vmap, uf, uv = unwrap(np.asarray(box.vertices), f, 256)
+    assert (vmap[uf] == f).all(), "the unwrap keeps the triangles' order"
+    s = uv_seams(f, uf)
+    # a box unwraps into its 6 sides: the 12 box edges are cut, the 6 diagonals are not
+    assert s["charts"] == 6 and s["edges"] == 18 and s["seam_edges"] == 12
+    assert uv_seams(f, f) == {"edges": 18, "seam_edges": 0, "seam_fraction": 0.0, "charts": 1}
+    assert [padding_for(n) for n in (256, 1024, 2048, 4096)] == [2, 2, 4, 8]

@@ -21,7 +21,7 @@ from ..mesh.clean import CleanSettings, clean_mesh, mesh_topology
 from ..mesh.extract import (FieldNormals, calibrated_surface, centre_density, close_solid, density_grid, free_space,
                             gaussian_bounds, solid_surface, surface_field)
 from ..mesh.textured import TexturedMesh
-from ..mesh.uv import unwrap
+from ..mesh.uv import unwrap, uv_seams
 from ..common.progress import NULL, Progress
 
 
@@ -190,6 +190,7 @@ def gaussians_to_textured_mesh(g: Gaussians, views: PosedViews, settings: Recons
         "texture_size": int(tex.shape[0]),
         "texture_coverage": float(covered.mean()),  # texels some view saw
         "atlas_use": atlas_use(uv, uf, int(tex.shape[0])),  # texels inside UV islands
+        **{f"uv_{k}": v for k, v in uv_seams(f, uf).items()},  # uv_charts, uv_seam_edges, ...
         "bounds": [v.min(0).tolist(), v.max(0).tolist()],
         "device": str(device),
         "renderer": renderer_name(device),
