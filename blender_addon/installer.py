@@ -98,7 +98,8 @@ def plan(python: str, env_dir: str, source: str, torch_build: str, torch_spec: s
     pip = [py, "-m", "pip", "install", "--upgrade", "--progress-bar", "off", *pip_args]
     torch_args = [] if torch_build == "index" else ["--index-url", TORCH_INDEX[torch_build]]
     check = ("import torch, backend, gen3d_wire; "
-             "print('gen3d backend ready: torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')")
+             "print('gen3d backend ready: torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu', "
+             "'backend at', backend.__file__)")
     marker = os.path.join(env_dir, "gen3d-installed.txt")
     write_marker = f"open({marker!r}, 'w').write({torch_build!r} + '\\n')"
     return [
@@ -148,9 +149,12 @@ class Installer:
         env["PYTHONUNBUFFERED"] = "1"
         kwargs = {"start_new_session": True} if sys.platform != "win32" else {
             "creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0) | getattr(subprocess, "CREATE_NO_WINDOW", 0)}
+        # in the log's folder, not Blender's working folder: a "backend" folder there must not stand in for
+        # the installed package
+        cwd = os.path.dirname(os.path.abspath(self.log_path))
         try:
             self.proc = subprocess.Popen(step.argv, stdin=subprocess.DEVNULL, stdout=self._log,
-                                         stderr=subprocess.STDOUT, env=env, **kwargs)
+                                         stderr=subprocess.STDOUT, env=env, cwd=cwd, **kwargs)
         except OSError as exc:
             self._log.write(f"could not run {step.argv[0]!r}: {exc}\n")
             self._fail(f"Step '{step.name}' could not start: {exc}")

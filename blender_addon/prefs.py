@@ -176,11 +176,20 @@ def make_installer(prefs, addon_dir: str) -> installer.Installer:
     return installer.Installer(steps, install_log())
 
 
+def backend_cwd(prefs) -> str:
+    """Where the started backend runs: the Working Folder, else the installed environment's folder for its
+    Python (so that ``python -m backend`` finds the installed package, not a folder of Blender's)."""
+    if prefs.backend_dir:
+        return bpy.path.abspath(prefs.backend_dir)
+    if not prefs.python_path and installer.installed_python(env_dir()):
+        return env_dir()
+    return ""
+
+
 def auto_start_spec(prefs) -> AutoStart:
     return AutoStart(python=backend_python(prefs),
                      port=int(prefs.port), preset=prefs.preset.strip() or "default",
-                     cwd=bpy.path.abspath(prefs.backend_dir) if prefs.backend_dir else "",
-                     start_timeout=float(prefs.start_timeout))
+                     cwd=backend_cwd(prefs), start_timeout=float(prefs.start_timeout))
 
 
 def client_token(prefs) -> str:

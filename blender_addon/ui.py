@@ -1,7 +1,8 @@
-"""The "Generate" tab of the 3D Viewport's sidebar: three panels, each with its
-settings, its button and, while its job runs, a progress bar, the backend's
-latest preview and Cancel; after it ends, the result or the error and what to
-do about it."""
+"""The "Generate" tab of the 3D Viewport's sidebar: three job panels, each with
+its settings, its button (which queues while another job runs) and, while its
+job runs, a progress bar, the backend's latest preview and Cancel; after it
+ends, the result or the error and what to do about it. A fourth panel, Queue &
+History, lists the jobs in flight and the kept results."""
 
 from __future__ import annotations
 

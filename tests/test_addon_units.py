@@ -316,6 +316,10 @@ def test_source_manifest_lists_the_pinned_wheels_and_permissions():
     m = tomllib.loads(text)
     assert m["id"] == "gen3d" and m["type"] == "add-on" and m["blender_version_min"] == "4.2.0"
     assert set(m["permissions"]) == {"network", "files"} and all(m["permissions"].values())
+    # Blender's strict manifest check (extensions platform, `blender --command extension validate`): at most
+    # 64 characters, ending in a letter or digit
+    for text in [m["tagline"], *m["permissions"].values()]:
+        assert len(text) <= 64 and text[-1].isalnum(), text
     assert set(m["platforms"]) == set(build_addon.PLATFORMS)
     assert all(w.startswith("./wheels/pyzmq-" + build_addon.PYZMQ_VERSION) for w in m["wheels"])
     assert any("cp311-cp311" in w for w in m["wheels"]) and any("cp312-abi3" in w for w in m["wheels"])

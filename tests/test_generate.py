@@ -389,14 +389,12 @@ def test_text_to_image_asks_for_the_front_view():
     assert "back view" in seen["negative"] and "side view" in seen["negative"]
 
 
-def test_front_candidates_and_lifting_the_chosen_one(tiny_store):
-    """text_to_image makes seed variations (a candidate's seed makes it again); text_to_3d with one of them as
-    ``image`` lifts it without a text-to-image pass of its own."""
+def test_front_candidates_are_seed_variations(tiny_store):
+    """text_to_image makes seed variations; a candidate's seed makes it again."""
     from backend.kinds import generate
     from backend.common.dataset import decode_image
     from backend.common.progress import Progress
     from backend.service.jobs import JobContext, Limits
-    from gen3d_wire.protocol import Attachment
 
     def run(spec, params, atts=()):
         events = []
@@ -410,7 +408,4 @@ def test_front_candidates_and_lifting_the_chosen_one(tiny_store):
     again, _ = run(generate.FRONTS_SPEC, {"prompt": "a red mug", "seed": 6, "count": 1, "steps": 2})
     assert again.attachments[0].data == out.attachments[1].data, "a candidate's seed gives it again"
     assert {e[0] for e in events} >= {"front 1", "front 2", "front 3"}
-    lifted, events = run(generate.TEXT_SPEC, {"prompt": "a red mug", "seed": 6, **FAST},
-                         [Attachment("image", "image/png", out.attachments[1].data)])
-    assert lifted.metadata["front_view"] == "chosen" and lifted.metadata["front"] == [0.0, -1.0, 0.0] and "text_to_image" not in lifted.metadata["timings"]
-    assert "text_to_image" not in {e[0] for e in events}
+    # (lifting one: test_addon's test_text_to_3d_with_a_choice_of_front_views, through the live backend)
