@@ -169,10 +169,15 @@ def build_backend_wheel(out_dir: Path, quiet: bool = False) -> Path:
     """The backend's wheel (``gen3d-<version>-py3-none-any.whl``), built from this tree without its
     dependencies (the installer fetches those)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(out_dir), str(ROOT)]
-    if quiet:
-        cmd.insert(4, "-q")
-    res = subprocess.run(cmd, capture_output=quiet, text=True)
+    # with this Python's own setuptools first (offline); an older one (before 70.1 it needs the `wheel` package)
+    # makes pip fetch a build environment instead
+    for isolation in (["--no-build-isolation"], []):
+        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-w", str(out_dir), str(ROOT)]
+        if quiet:
+            cmd.insert(4, "-q")
+        res = subprocess.run(cmd, capture_output=quiet, text=True)
+        if res.returncode == 0:
+            break
     wheels = sorted(out_dir.glob("gen3d-*.whl"))
     if res.returncode != 0 or not wheels:
         detail = (res.stderr or res.stdout or "")[-2000:] if quiet else ""
