@@ -384,3 +384,33 @@ def test_uv_seams_counts_the_cut_edges_and_the_islands():
     assert s["charts"] == 6 and s["edges"] == 18 and s["seam_edges"] == 12
     assert uv_seams(f, f) == {"edges": 18, "seam_edges": 0, "seam_fraction": 0.0, "charts": 1}
     assert [padding_for(n) for n in (256, 1024, 2048, 4096)] == [2, 2, 4, 8]
+
+
+def test_a_crashed_clean_up_subprocess_is_retried_once(monkeypatch):
+    import subprocess
+    import types
+
+    from backend.mesh import clean
+
+    real = subprocess.run
+    calls = []
+
+    def flaky(*a, **k):
+        if "backend.mesh.clean" not in a[0]:
+            return real(*a, **k)
+        calls.append(1)
+        if len(calls) == 1:  # as a segfault in a native filter looks: a signal, empty stderr
+            return types.SimpleNamespace(returncode=-11, stdout=b"", stderr=b"")
+        return real(*a, **k)
+
+    import trimesh
+
+    box = trimesh.creation.box()
+    monkeypatch.setattr(clean.subprocess, "run", flaky)
+    v, f, n = clean._clean_in_subprocess(np.asarray(box.vertices), np.asarray(box.faces), clean.CleanSettings())
+    assert len(calls) == 2 and len(f) > 0
+    calls.clear()
+    monkeypatch.setattr(clean.subprocess, "run", lambda *a, **k: types.SimpleNamespace(returncode=-11, stdout=b"",
+                                                                                      stderr=b""))
+    with pytest.raises(RuntimeError, match=r"exit code -11, 2 attempt"):
+        clean._clean_in_subprocess(np.asarray(box.vertices), np.asarray(box.faces), clean.CleanSettings())
