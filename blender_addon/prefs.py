@@ -166,8 +166,7 @@ def make_installer(prefs, addon_dir: str) -> installer.Installer:
     python = bpy.path.abspath(prefs.install_python) if prefs.install_python else sys.executable
     if not os.path.isfile(python):
         raise ValueError(f"the base Python {python!r} does not exist")
-    choice = prefs.torch_build.lower()
-    build = detected_torch_build() if choice == "auto" else choice
+    build = installer.resolve_torch_build(prefs.torch_build.lower(), detect=lambda: detected_torch_build() == "cuda")
     try:
         extra = shlex.split(prefs.pip_args or "")
     except ValueError as exc:
