@@ -266,8 +266,15 @@ def add_format_flag(p, formats=MODEL_FORMATS) -> None:
                    "textures beside it, Y up like the GLB)")
 
 
+def faces_summary(meta: dict) -> str:
+    """"1000 faces", or for quads "1002 polygons (390 quads) of 1392 triangles"."""
+    if "polygons" in meta:
+        return f"{meta['polygons']} polygons ({meta.get('quads')} quads) of {meta.get('faces')} triangles"
+    return f"{meta.get('faces')} faces"
+
+
 def check_topology(params: dict, fmt: str) -> None:
-    """--topology quad (the job makes twice the budget in triangles and says which pairs to join) needs OBJ."""
+    """--topology quad (the job's triangles pair into about the budget's polygons; it says which to join) needs OBJ."""
     if params.get("topology") == "quad" and fmt != "obj":
         raise InputError("--topology quad needs --format obj (or --out NAME.obj): glTF stores triangles only "
                          "(in Blender, the add-on's Topology setting joins them)")
@@ -571,7 +578,7 @@ def _run_reconstruct(args) -> int:
     for p in write_model(files, args.out, fmt) + write_outputs(files, {"gaussians.ply": args.ply}):
         print(p)
     t = meta.get("timings", {})
-    print(f"{meta.get('faces')} faces, {meta.get('gaussians')} gaussians, texture {meta.get('texture_size')} px; "
+    print(f"{faces_summary(meta)}, {meta.get('gaussians')} gaussians, texture {meta.get('texture_size')} px; "
           + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
     return 0
 
@@ -647,7 +654,7 @@ def _run_generate(args) -> int:
     for p in write_model(files, args.out, fmt) + write_outputs(files, {"reference.png": args.reference_out}):
         print(p)
     t = meta.get("timings", {})
-    print(f"{meta.get('faces')} faces, {meta.get('views')} novel views; "
+    print(f"{faces_summary(meta)}, {meta.get('views')} novel views; "
           + ", ".join(f"{k} {v:.1f}s" for k, v in t.items() if "." not in k))
     return 0
 

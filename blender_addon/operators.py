@@ -164,8 +164,8 @@ def generation_params(s) -> dict:
 
 
 def wire_params(s, params: dict) -> dict:
-    """What is sent: with Topology Quads, ``topology: quad`` (the backend makes twice the face budget in
-    triangles and says which pairs to join)."""
+    """What is sent: with Topology Quads, ``topology: quad`` (the backend makes triangles that pair
+    into about the face budget's polygons, and says which pairs to join)."""
     out = dict(params)
     if s.topology == "QUADS":
         out["topology"] = "quad"

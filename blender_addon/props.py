@@ -36,8 +36,8 @@ class GEN3D_SceneSettings(bpy.types.PropertyGroup):
     quality: EnumProperty(name="Quality", items=QUALITY_ITEMS, default="standard",
                           description="Sets the backend's step counts")
     faces: IntProperty(name="Face Budget", default=20000, min=500, max=1_000_000,
-                       description="Number of faces of the generated mesh, at most (triangles, or quads with "
-                                   "Topology: Quads)")
+                       description="Number of faces of the generated mesh (triangles, or polygons, mostly quads, "
+                                   "with Topology: Quads)")
     topology: EnumProperty(name="Topology", items=TOPOLOGY_ITEMS, default="TRIS",
                            description="Triangles, or a quad-dominant mesh for editing")
     texture_size: EnumProperty(name="Texture Size", items=TEXTURE_ITEMS, default="1024",

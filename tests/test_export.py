@@ -212,3 +212,34 @@ def test_quad_pairs_from_a_job_are_checked_and_used():
         polygons(m.faces, [[0, far]])
     with pytest.raises(ValueError, match="distinct"):
         polygons(m.faces, [[0, 0]])
+
+
+def test_a_quad_request_lands_at_its_polygon_budget():
+    """Twice the budget in triangles (what quad jobs made before) pairs into 6-15 % too many
+    polygons; the fit decimates further until the pairs make the budget (within 3 %)."""
+    from skimage.measure import marching_cubes
+
+    from backend.mesh.clean import CleanSettings, clean_mesh
+    from backend.mesh.quads import fit_quad_budget, polygons, quad_pairs
+
+    x = np.linspace(-1.3, 1.3, 72)
+    X, Y, Z = np.meshgrid(x, x, x, indexing="ij")
+    blob = 0.8 + 0.1 * np.sin(9 * X) * np.sin(8 * Y) * np.cos(7 * Z) - np.sqrt(X**2 + Y**2 + (1.3 * Z) ** 2)
+    handle = 0.15 - np.sqrt((np.sqrt((X - 0.9) ** 2 + Z**2) - 0.35) ** 2 + Y**2)
+    from scipy.ndimage import gaussian_filter
+
+    rough = gaussian_filter(np.random.default_rng(0).normal(size=X.shape), 1.5)  # a generated surface's lumps
+    v, f, _, _ = marching_cubes(np.maximum(blob, handle) + 0.3 * rough, 0.0, spacing=(x[1] - x[0],) * 3)
+    budget = 800
+    v, f, n = clean_mesh(v, f[:, ::-1].copy(), CleanSettings(target_faces=2 * budget))
+    vmap, uf, _ = unwrap(v, f, 512, normals=n)
+    before = len(uf) - len(quad_pairs(v[vmap], uf))
+    assert before > 1.05 * budget, before  # the old rule, 2 x budget triangles, misses the 5 % promise
+    fit = fit_quad_budget(v, f, n, budget, 512)
+    assert abs(fit.polygons - budget) <= 0.03 * budget, (before, fit.polygons, fit.passes)
+    assert 1 <= fit.passes <= 3 and len(fit.uv_faces) < 2 * budget
+    assert len(polygons(fit.uv_faces, fit.pairs)) == fit.polygons  # every pair shares an edge of the mesh
+    assert fit.uv.shape == (len(fit.vmap), 2) and fit.vmap.max() < len(fit.vertices)
+    assert len(fit.faces) == len(fit.uv_faces) and len(fit.normals) == len(fit.vertices)
+    print(f"quad budget {budget}: {before} polygons at {2 * budget} triangles -> {fit.polygons} at "
+          f"{len(fit.uv_faces)} ({fit.passes} passes)")

@@ -297,13 +297,18 @@ def test_generate_jobs_on_the_server(tmp_path, tiny_store):
             assert prim.normal_map is not None and msg.get("metadata")["material"]["from"] == "default"
             meta = msg.get("metadata")
             assert meta["front"] == [0.0, -1.0, 0.0] and meta["views"] == 4
+            assert 950 <= meta["faces"] == len(prim.indices) <= 1000  # the face budget, within 5 %
             # image input
             img = np.ones((200, 160, 4), np.float32)
             img[..., 3] = 0
             img[60:150, 40:120] = [0.2, 0.4, 0.9, 1.0]
-            msg = c.run("image_to_3d", FAST, [Attachment("image", "image/png", encode_png(img))])
+            msg = c.run("image_to_3d", {**FAST, "topology": "quad"}, [Attachment("image", "image/png", encode_png(img))])
             prim = read_glb(msg.attachment("model.glb").data)[0]
-            assert prim.texture is not None and len(prim.indices) <= 1000
+            meta = msg.get("metadata")
+            quads = json.loads(msg.attachment("quads.json").data)
+            assert prim.texture is not None and quads["triangles"] == len(prim.indices) == meta["faces"] < 2000
+            # quads: the triangles pair into the face budget's polygons, within 5 %
+            assert abs(meta["polygons"] - 1000) <= 50 and meta["polygons"] == meta["faces"] - len(quads["pairs"])
             # bad input: no prompt, an image that is not one
             with pytest.raises(BackendError) as info:
                 c.run("text_to_3d", {"prompt": "  ", **FAST})

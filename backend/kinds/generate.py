@@ -17,7 +17,7 @@ from ..pipeline.generate import QUALITY, GenerateResult, GenerateSettings, image
 from ..pipeline.novel_views import Zero123Views, on_white
 from ..pipeline.sds import Zero123Guidance
 from ..service.jobs import AttachmentSpec, InputError, JobContext, JobInputs, JobOutput, JobSpec, Param
-from .material import MATERIAL, TOPOLOGY, apply_material, quads_attachment, triangle_budget
+from .material import MATERIAL, TOPOLOGY, apply_material, apply_topology, quads_attachment
 
 
 def _device_kind(device: str) -> str:
@@ -53,7 +53,7 @@ def settings_from_params(p: dict, device: str) -> GenerateSettings:
     updates = p.get("view_updates", -1)
     s.view_updates = q["view_updates"] if updates is None or updates < 0 else updates
     s.reconstruct.train.seed = p["seed"]
-    s.reconstruct.mesh.clean.target_faces = triangle_budget(p)
+    apply_topology(s.reconstruct, p)
     s.reconstruct.bake.texture_size = pick("texture_size", q["texture_size"])
     apply_material(s.reconstruct.bake, p)
     s.reconstruct.name = "gen3d"

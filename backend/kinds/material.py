@@ -16,14 +16,17 @@ MATERIAL = (
 
 
 TOPOLOGY = (
-    Param("topology", str, "tri", "tri | quad: a quad-dominant mesh at the face budget (twice the budget in "
-          "triangles, with the pairs to join returned as quads.json; glTF stores triangles)", choices=("tri", "quad")),
+    Param("topology", str, "tri", "tri | quad: a quad-dominant mesh of about 'faces' polygons (quads and the "
+          "triangles left; glTF stores triangles, the pairs to join come as quads.json)", choices=("tri", "quad")),
 )
 
 
-def triangle_budget(p: dict) -> int:
-    """The triangles to make for the request's ``faces`` and ``topology``."""
-    return int(p["faces"]) * (2 if p.get("topology") == "quad" else 1)
+def apply_topology(s, p: dict) -> None:
+    """The request's ``faces`` and ``topology`` on reconstruction settings: triangles at the budget,
+    or for quads twice as many, decimated further until their pairs make ``faces`` polygons."""
+    quad = p.get("topology") == "quad"
+    s.mesh.clean.target_faces = int(p["faces"]) * (2 if quad else 1)
+    s.quad_budget = int(p["faces"]) if quad else 0
 
 
 def quads_attachment(mesh, p: dict):
@@ -36,7 +39,7 @@ def quads_attachment(mesh, p: dict):
 
     from ..mesh.quads import quad_pairs
 
-    pairs = quad_pairs(mesh.vertices, mesh.faces)
+    pairs = mesh.quad_pairs if mesh.quad_pairs is not None else quad_pairs(mesh.vertices, mesh.faces)
     n = int(len(mesh.faces))
     data = json.dumps({"triangles": n, "pairs": pairs.tolist()}).encode()
     return Attachment("quads.json", "application/json", data), {"topology": "quad", "quads": int(len(pairs)),

@@ -13,7 +13,7 @@ from ..gaussians.model import ply_bytes
 from ..mesh.gltf import write_glb
 from ..pipeline.reconstruct import ReconstructSettings, reconstruct
 from ..service.jobs import AttachmentSpec, InputError, JobContext, JobInputs, JobOutput, JobSpec, Param
-from .material import MATERIAL, TOPOLOGY, apply_material, quads_attachment, triangle_budget
+from .material import MATERIAL, TOPOLOGY, apply_material, apply_topology, quads_attachment
 
 
 def _check_background(v):
@@ -27,7 +27,7 @@ def settings_from_params(p: dict) -> ReconstructSettings:
     s.train.iterations = p["iterations"]
     s.train.seed = p["seed"]
     s.resolution = p["resolution"]
-    s.mesh.clean.target_faces = triangle_budget(p)
+    apply_topology(s, p)
     s.bake.texture_size = p["texture_size"]
     s.mesh.grid_resolution = p["grid_resolution"]
     apply_material(s.bake, p)

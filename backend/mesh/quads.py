@@ -9,6 +9,8 @@ as it was baked; the add-on joins the same pairs in Blender, the CLI writes them
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 
@@ -129,3 +131,53 @@ def polygons(faces: np.ndarray, pairs: np.ndarray) -> list[np.ndarray]:
     used[pairs.reshape(-1)] = True
     out.extend(f[~used])
     return out
+
+
+@dataclass
+class QuadFit:
+    """A mesh decimated and unwrapped so that its triangles, paired, land at a polygon budget."""
+
+    vertices: np.ndarray  # the welded mesh (before the unwrap's seam splits)
+    faces: np.ndarray
+    normals: np.ndarray
+    vmap: np.ndarray  # the unwrap (:func:`backend.mesh.uv.unwrap`)
+    uv_faces: np.ndarray
+    uv: np.ndarray
+    pairs: np.ndarray  # [Q,2] into uv_faces
+    passes: int  # decimate-and-unwrap passes after the first unwrap
+
+    @property
+    def polygons(self) -> int:
+        return int(len(self.uv_faces) - len(self.pairs))
+
+
+def fit_quad_budget(vertices: np.ndarray, faces: np.ndarray, normals: np.ndarray, budget: int,
+                    texture_size: int = 1024, tolerance: float = 0.03, max_passes: int = 3) -> QuadFit:
+    """Decimate a mesh (made with more triangles than ``budget``: twice it holds the budget even
+    when every triangle pairs) until its triangles, unwrapped and paired, make ``budget``
+    polygons within ``tolerance``.
+
+    How many triangles pair is only known after the unwrap, since a seam stops pairs: 0.70 of
+    them on a 2.8k-triangle generated mesh, 0.85-0.95 on smoother or denser ones. So: unwrap,
+    pair, decimate to ``budget / (1 - paired / 2)`` triangles, and again from the measured
+    ratio, each pass one quadric decimation and one unwrap (about 1-4 s at 2k-20k triangles).
+    Only decimates: the closest pass is kept where a pass lands below the budget."""
+    from .clean import CleanSettings, clean_mesh
+    from .uv import unwrap
+
+    v, f, n = np.asarray(vertices), np.asarray(faces), np.asarray(normals)
+    best = None
+    for k in range(max_passes + 1):
+        vmap, uf, uv = unwrap(v, f, texture_size, normals=n)
+        pairs = quad_pairs(v[vmap], uf)
+        fit = QuadFit(v, f, n, vmap, uf, uv, pairs, k)
+        if best is None or abs(fit.polygons - budget) < abs(best.polygons - budget):
+            best = fit
+        if abs(fit.polygons - budget) <= tolerance * budget or fit.polygons < budget or k == max_passes:
+            break
+        target = int(round(len(uf) * budget / max(fit.polygons, 1)))  # the same ratio at a few % fewer triangles
+        if target >= len(f):
+            break
+        v, f, n = clean_mesh(v, f, CleanSettings(target_faces=target, min_component_fraction=0.0, smoothing_steps=0,
+                                                 fill_budget=0.0))
+    return best

@@ -33,6 +33,7 @@ class TexturedMesh:
     normal_map: np.ndarray | None = None  # [Hn,Wn,3] float32 in [0,1] (0.5, 0.5, 1: the face's own normal)
     metallic: float = 0.0
     roughness: float = 1.0
+    quad_pairs: np.ndarray | None = None  # [Q,2] triangles to join into quads (backend.mesh.quads), when asked for
 
     def copy(self, **changes) -> "TexturedMesh":
         return replace(self, **changes)

@@ -21,6 +21,7 @@ from ..mesh.clean import CleanSettings, clean_mesh, mesh_topology
 from ..mesh.extract import (FieldNormals, calibrated_surface, centre_density, close_solid, density_grid, free_space,
                             gaussian_bounds, solid_surface, surface_field)
 from ..mesh.textured import TexturedMesh
+from ..mesh.quads import fit_quad_budget
 from ..mesh.uv import unwrap, uv_seams
 from ..common.progress import NULL, Progress
 
@@ -45,6 +46,9 @@ class ReconstructSettings:
     resolution: int = 0  # resize views so the long side is this (0: as given)
     bake_resolution: int = 0  # Gaussian renders for baking (0: twice the views', at most 512)
     name: str = "gen3d"
+    # quads: the mesh is decimated further until its triangles pair into this many polygons (within 3 %;
+    # backend.mesh.quads.fit_quad_budget), made with twice as many triangles (0: triangles, at the face budget)
+    quad_budget: int = 0
 
 
 @dataclass
@@ -149,7 +153,14 @@ def gaussians_to_textured_mesh(g: Gaussians, views: PosedViews, settings: Recons
 
     t = time.perf_counter()
     plan["uv"].update(0.0, f"unwrapping {len(f)} faces")
-    vmap, uf, uv = unwrap(v, f, s.bake.texture_size, normals=n)
+    pairs, quad_stats = None, {}
+    if s.quad_budget > 0:
+        fit = fit_quad_budget(v, f, n, s.quad_budget, s.bake.texture_size)
+        v, f, n, vmap, uf, uv, pairs = fit.vertices, fit.faces, fit.normals, fit.vmap, fit.uv_faces, fit.uv, fit.pairs
+        topo = mesh_topology(v, f)
+        quad_stats = {"quad_passes": fit.passes, "quad_pairs_fraction": 2 * len(pairs) / max(len(uf), 1)}
+    else:
+        vmap, uf, uv = unwrap(v, f, s.bake.texture_size, normals=n)
     uvv, uvn = v[vmap], n[vmap]
     timings["uv"] = time.perf_counter() - t
 
@@ -174,7 +185,7 @@ def gaussians_to_textured_mesh(g: Gaussians, views: PosedViews, settings: Recons
         normal_map, _ = bake_normal_map(uvv, uf, uv, uvn, lambda p, nr: em.detail(p, nr, 0.3), int(tex.shape[0]))
         timings["normal_map"] = time.perf_counter() - t
     mesh = TexturedMesh(uvv, uf, uv, tex, uvn, name=s.name, normal_map=normal_map,
-                        metallic=s.bake.metallic, roughness=s.bake.roughness)
+                        metallic=s.bake.metallic, roughness=s.bake.roughness, quad_pairs=pairs)
     stats = {
         "views": len(views),
         "view_size": [views.width, views.height],
@@ -191,6 +202,7 @@ def gaussians_to_textured_mesh(g: Gaussians, views: PosedViews, settings: Recons
         "texture_coverage": float(covered.mean()),  # texels some view saw
         "atlas_use": atlas_use(uv, uf, int(tex.shape[0])),  # texels inside UV islands
         **{f"uv_{k}": v for k, v in uv_seams(f, uf).items()},  # uv_charts, uv_seam_edges, ...
+        **quad_stats,
         "bounds": [v.min(0).tolist(), v.max(0).tolist()],
         "device": str(device),
         "renderer": renderer_name(device),
