@@ -654,7 +654,7 @@ def _run_generate(args) -> int:
     for p in write_model(files, args.out, fmt) + write_outputs(files, {"reference.png": args.reference_out}):
         print(p)
     t = meta.get("timings", {})
-    print(f"{faces_summary(meta)}, {meta.get('views')} novel views; "
+    print(f"{faces_summary(meta)}, {meta.get('views')} {'rig renders' if meta.get('method') == 'sds' else 'novel views'}; "
           + ", ".join(f"{k} {v:.1f}s" for k, v in t.items() if "." not in k))
     return 0
 

@@ -257,7 +257,7 @@ class GEN3D_OT_generate_from_text(_JobOperator, bpy.types.Operator):
         conn = _connection_or_report(self, context, job)
         if conn is None:
             return {"CANCELLED"}
-        if s.choose_front:  # candidates first; GEN3D_OT_use_front lifts the one picked
+        if s.choose_front and s.text_method == "IMAGE":  # candidates first; GEN3D_OT_use_front lifts the one picked
             job = Job("text_to_image", "Front views", "TEXT")
             job.params = {"prompt": prompt, "seed": int(s.seed), "quality": s.quality, "count": int(s.front_count)}
             if s.negative_prompt.strip():
@@ -265,6 +265,8 @@ class GEN3D_OT_generate_from_text(_JobOperator, bpy.types.Operator):
             job.apply = _apply_fronts(dict(generation_params(s), prompt=prompt))
             return submit_job(self, job, conn)
         job.params = wire_params(s, dict(generation_params(s), prompt=prompt))
+        if s.text_method == "SDS":
+            job.params["method"] = "sds"
         name = "gen3d_" + scene_io.slug(prompt)
         place = scene_io.placement(context, name, {"kind": job.kind, "prompt": prompt, **generation_params(s)},
                                    s.height, s.topology == "QUADS")

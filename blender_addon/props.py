@@ -48,6 +48,12 @@ class GEN3D_SceneSettings(bpy.types.PropertyGroup):
         name="Height", default=1.0, min=0.0, soft_max=10.0, subtype="DISTANCE", unit="LENGTH",
         description=("Height of the generated object in the scene; it stands on the 3D cursor with its origin at "
                      "the bottom centre (0: keep the backend's size, a unit sphere around the cursor)"))
+    text_method: EnumProperty(
+        name="Method", default="IMAGE",
+        items=(("IMAGE", "Front View", "Text to a front view, lifted to 3D by the novel-view model (fast)"),
+               ("SDS", "Score Distillation", "The text prior shapes the whole object from random views "
+                "(DreamFusion's method; slower, the back is the prior's and not one view's guess)")),
+        description="How text becomes 3D")
     choose_front: BoolProperty(
         name="Choose the Front View First", default=False,
         description="Generate makes several front views (seed variations) first; pick the one to lift to 3D")

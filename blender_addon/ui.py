@@ -235,13 +235,16 @@ class GEN3D_PT_generate_text(_Gen3DPanel, bpy.types.Panel):
         layout = self.layout
         s = context.scene.gen3d
         layout.prop(s, "prompt", text="", placeholder="Prompt, e.g. a red wooden chair")
+        layout.prop(s, "text_method", text="Method")
+        fronts = s.choose_front and s.text_method == "IMAGE"
         row = layout.row()
+        row.enabled = s.text_method == "IMAGE"  # score distillation makes no front view
         row.prop(s, "choose_front", text="Choose Front First")
         sub = row.row()
         sub.enabled = s.choose_front
         sub.prop(s, "front_count", text="")
         _draw_generation_settings(layout, s, "gen3d_text_settings")
-        _run_button(layout, "gen3d.generate_from_text", "Generate Fronts" if s.choose_front else "Generate", "PLAY")
+        _run_button(layout, "gen3d.generate_from_text", "Generate Fronts" if fronts else "Generate", "PLAY")
         draw_status(layout, "TEXT")
         _draw_fronts(layout)
 

@@ -191,7 +191,8 @@ def degrade_texture(texture: np.ndarray, seed: int = 0) -> np.ndarray:
 
 class MeshTruth:
     """True renders for the oracle denoiser from a textured mesh, for any camera
-    (sampled views, scene cameras of any aspect ratio), composited on white."""
+    (sampled views, scene cameras of any aspect ratio), composited on the view's background
+    (white unless the view says otherwise)."""
 
     def __init__(self, mesh, supersample: int = 2):
         import torch
@@ -207,10 +208,10 @@ class MeshTruth:
 
         from backend.mesh.textured import render_textured
 
-        white = torch.ones(3)
         with torch.no_grad():
             return torch.stack([render_textured(self.V, self.F, self.UV, self.T, v.c2w, v.intr, self.supersample,
-                                                background=white) for v in views]).permute(0, 3, 1, 2)
+                                                background=torch.full((3,), float(getattr(v, "background", 1.0))))
+                                for v in views]).permute(0, 3, 1, 2)
 
 
 @dataclass
@@ -295,7 +296,7 @@ class RigTruth(MeshTruth):
     Zero-1-to-3's: every call renders from a perturbed camera, then blurs, shifts colours
     and invents its own detail on the unseen side (:class:`ViewFaults`, drawn per view from
     ``seed`` and the call count), so score distillation and SDEdit meet a prior that is
-    right on average but never exactly. Returns [B,3,H,W] on white."""
+    right on average but never exactly. Returns [B,3,H,W] on the views' backgrounds (white)."""
 
     def __init__(self, mesh, center, scale: float, faults: "ViewFaults | None" = None, seed: int = 0,
                  supersample: int = 2):
@@ -322,7 +323,8 @@ class RigTruth(MeshTruth):
                 rgba = render_textured(self.V, self.F, self.UV, self.T, c2w, v.intr, self.supersample).clamp(0, 1).numpy()
             if f is not None:
                 rgba = apply_faults(rgba, f, v.azimuth, self.faults.unseen)
-            rgb = rgba[..., :3] * rgba[..., 3:4] + (1 - rgba[..., 3:4])
+            bg = float(getattr(v, "background", 1.0))
+            rgb = rgba[..., :3] * rgba[..., 3:4] + bg * (1 - rgba[..., 3:4])
             out.append(torch.as_tensor(rgb, dtype=torch.float32).permute(2, 0, 1))
         return torch.stack(out)
 

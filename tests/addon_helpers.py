@@ -219,7 +219,9 @@ def stub_specs():
         Param("topology", str, "tri", choices=("tri", "quad")),
     )
     return [
-        JobSpec("text_to_3d", "stand-in: textured icosphere", _t2i, params=(Param("prompt", str, ""),) + gen,
+        JobSpec("text_to_3d", "stand-in: textured icosphere", _t2i,
+                params=(Param("prompt", str, ""), Param("method", str, "image", choices=("image", "sds")),
+                        Param("dream_steps", int, 0, min=0)) + gen,
                 attachments=(AttachmentSpec("image", "image", False, "a chosen front view"),), check=_need_prompt),
         JobSpec("text_to_image", "stand-in: flat grey front views", _fronts,
                 params=(Param("prompt", str, ""), Param("negative_prompt", str, ""), Param("seed", int, 0, min=0),

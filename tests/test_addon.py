@@ -60,7 +60,8 @@ def need(backend_server, *kinds):
 
 
 # Small step counts for the real tiny backend (sent through Scene.gen3d.extra_params, as a TD would)
-FAST = {"text_to_3d": {"views": 4, "view_steps": 3, "steps": 2, "iterations": 40, "distill_steps": 8, "refine_steps": 2},
+FAST = {"text_to_3d": {"views": 4, "view_steps": 3, "steps": 2, "iterations": 40, "distill_steps": 8, "refine_steps": 2,
+                       "dream_steps": 10},
         "image_to_3d": {"views": 4, "view_steps": 3, "iterations": 40, "distill_steps": 8, "refine_steps": 2},
         "refine_texture": {"steps": 3}}
 
@@ -872,6 +873,18 @@ out["lift"] = dict(result=sorted(res), objects=[o.name for o in new], seed=new[0
                    front=info.get("front_view"), backend_front=(info.get("metadata") or {}).get("front_view"),
                    timings=sorted(((info.get("metadata") or {}).get("timings") or {})),
                    entry=dict(label=e.label, seed=e.seed, state=e.state, kind=e.kind))
+# score distillation: no front views to choose from, whatever Choose Front First says
+s.text_method = "SDS"
+log = []  # (the first drawing stays in out["drawn"]; Rec writes to whatever list this name holds)
+mod.ui.GEN3D_PT_generate_text.draw(FakePanel(), bpy.context)
+out["drawn_sds"] = log[:]
+before = set(object_names())
+res = bpy.ops.gen3d.generate_from_text()
+new = [bpy.data.objects[n] for n in object_names() if n not in before and bpy.data.objects[n].type == "MESH"]
+info = json.loads(new[0].get("gen3d", "{}")) if new else {}
+e = mgr.history.entries()[0]
+out["sds"] = dict(result=sorted(res), objects=len(new), method=(info.get("metadata") or {}).get("method"),
+                  sent=e.params.get("method"), message=mgr.outcome.message)
 emit(**out)
 '''
 
@@ -893,6 +906,12 @@ def test_text_to_3d_with_a_choice_of_front_views(blender, backend_server):
     assert lift["front"] == "chosen" and lift["backend_front"] == "chosen"  # the backend lifted the image it got
     assert stub or ("text_to_image" not in lift["timings"] and "novel_views" in lift["timings"]), lift["timings"]
     assert lift["entry"] == {"label": "a red chair", "seed": 21, "state": "done", "kind": "text_to_3d"}
+    # Method: Score Distillation sends method sds, and Choose Front First no longer applies
+    assert ["operator", "gen3d.generate_from_text", "Generate"] in d["drawn_sds"]
+    assert ["prop", "text_method"] in d["drawn_sds"]
+    sds = d["sds"]
+    assert sds["result"] == ["FINISHED"] and sds["objects"] == 1 and sds["sent"] == "sds", sds
+    assert stub or sds["method"] == "sds", sds
 
 
 # --------------------------------------------------------------------------- queue and history

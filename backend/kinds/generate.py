@@ -13,9 +13,9 @@ from ..common.dataset import decode_image, encode_png
 from ..common.progress import Progress
 from ..gaussians.model import ply_bytes
 from ..mesh.gltf import write_glb
-from ..pipeline.generate import QUALITY, GenerateResult, GenerateSettings, image_to_3d, text_to_image
+from ..pipeline.generate import QUALITY, GenerateResult, GenerateSettings, image_to_3d, text_to_3d_sds, text_to_image
 from ..pipeline.novel_views import Zero123Views, on_white
-from ..pipeline.sds import Zero123Guidance
+from ..pipeline.sds import StableDiffusionGuidance, Zero123Guidance
 from ..service.jobs import AttachmentSpec, InputError, JobContext, JobInputs, JobOutput, JobSpec, Param
 from .material import MATERIAL, TOPOLOGY, apply_material, apply_topology, quads_attachment
 
@@ -54,6 +54,8 @@ def settings_from_params(p: dict, device: str) -> GenerateSettings:
     s.view_updates = q["view_updates"] if updates is None or updates < 0 else updates
     s.reconstruct.train.seed = p["seed"]
     apply_topology(s.reconstruct, p)
+    s.dream.steps = pick("dream_steps", q["dream_steps"][kind])
+    s.dream.gaussians = 3000 if kind == "cpu" else 10000
     s.reconstruct.bake.texture_size = pick("texture_size", q["texture_size"])
     apply_material(s.reconstruct.bake, p)
     s.reconstruct.name = "gen3d"
@@ -88,11 +90,25 @@ T2I = (
     Param("steps", int, 0, "text-to-image steps (0: by quality)", min=0, max=500),
     Param("guidance", float, 7.5, "text-to-image classifier-free guidance", min=0.0, max=50.0),
 )
+METHOD = (
+    Param("method", str, "image", "image: a front view from the text, lifted to 3D (fast) | sds: score distillation "
+          "from the text prior on Gaussians over random views (DreamFusion's method: the back is the prior's, not "
+          "one view's guess)", choices=("image", "sds")),
+    Param("dream_steps", int, 0, "method sds: score distillation steps (0: by quality and device)", min=0, max=100000),
+    Param("sds_guidance", float, 100.0, "method sds: the text prior's classifier-free guidance (DreamFusion: 100)",
+          min=1.0, max=500.0),
+)
 
 
 def _need_prompt(inputs: JobInputs) -> None:
     if not inputs.params["prompt"].strip():
         raise ValueError("a text job needs a non-empty 'prompt'")
+
+
+def _check_text(inputs: JobInputs) -> None:
+    _need_prompt(inputs)
+    if inputs.params.get("method") == "sds" and "image" in inputs.attachments:
+        raise ValueError("method 'sds' makes no front view to lift: send the image with method 'image'")
 
 
 def _models(ctx: JobContext):
@@ -146,6 +162,8 @@ def zero123_prior(models, guidance_scale: float = 5.0):
 def _handle_text(inputs: JobInputs, ctx: JobContext) -> JobOutput:
     p = inputs.params
     models = _models(ctx)
+    if p.get("method") == "sds":
+        return _dream(inputs, ctx, models)
     if "image" in inputs.attachments:  # a front view chosen from text_to_image's candidates: lift it
         image = decode_image(inputs.attachments["image"], ctx.limits.max_image_pixels, "the chosen front view")
         extra = {"prompt": p["prompt"], "models": models.describe(), "front_view": "chosen"}
@@ -158,6 +176,23 @@ def _handle_text(inputs: JobInputs, ctx: JobContext) -> JobOutput:
     plan["text_to_image"].update(1.0, "front view", encode_png(image))
     extra = {"prompt": p["prompt"], "models": models.describe(), "text_to_image_seconds": time.perf_counter() - t0}
     return _generate(inputs, ctx, image, p["prompt"], extra, plan["generate"])
+
+
+def _dream(inputs: JobInputs, ctx: JobContext, models) -> JobOutput:
+    """Method ``sds``: the text prior (view-dependent prompts) distilled into Gaussians, then the mesh stages."""
+    p = inputs.params
+    s = settings_from_params(p, ctx.device)
+    size = 512 if _device_kind(ctx.device) == "cuda" else 128
+    guidance = StableDiffusionGuidance(models.stable_diffusion(), p["prompt"], p["negative_prompt"], p["sds_guidance"],
+                                       size=size)
+    refiner = None
+    if s.refine:
+        from ..pipeline.refine import pipeline_refiner
+
+        refiner = pipeline_refiner(models, p["prompt"], p["negative_prompt"], s, ctx.device, reference=False)
+    result = text_to_3d_sds([guidance], s, ctx.device, ctx.progress, refiner)
+    extra = {"prompt": p["prompt"], "models": models.describe(), "material": apply_material(s.reconstruct.bake, p)}
+    return _finish(result, extra, p)
 
 
 def _handle_fronts(inputs: JobInputs, ctx: JobContext) -> JobOutput:
@@ -187,12 +222,13 @@ def _handle_image(inputs: JobInputs, ctx: JobContext) -> JobOutput:
 
 TEXT_SPEC = JobSpec(
     kind="text_to_3d",
-    description="Prompt -> front view -> novel views -> textured mesh (GLB, unit sphere, front -Y).",
+    description="Prompt -> front view -> novel views -> textured mesh, or (method sds) prompt -> score distillation "
+                "on Gaussians -> textured mesh (GLB, unit sphere, front -Y).",
     handler=_handle_text,
-    params=T2I + COMMON,
+    params=T2I + METHOD + COMMON,
     attachments=(AttachmentSpec("image", "image", False, "optional: the front view to lift (one of text_to_image's "
                                                          "candidates); the prompt then serves the refinement"),),
-    check=_need_prompt,
+    check=_check_text,
 )
 FRONTS_SPEC = JobSpec(
     kind="text_to_image",

@@ -8,6 +8,10 @@
     (Zero-1-to-3 or an oracle) with the reference's loss, the views updated
     through the prior -> mesh, UVs, texture -> (SDS texture refinement) -> mesh
     centred at the origin, in the unit sphere, front facing -Y -> GLB
+
+    prompt -> (text_to_3d_sds) Gaussians in a ball -> score distillation from the text
+    prior over random views -> their own renders on a fixed rig -> the same mesh, UV,
+    texture, refinement and normalisation stages
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from ..common.progress import NULL, Progress
 from ..gaussians.model import Gaussians
 from ..gaussians.train import train_gaussians
 from .distill import DistillSettings, distill_gaussians
+from .dream import DreamSettings, dream_gaussians, rig_renders
 from .elevation import estimate_elevation
 from .novel_views import (FOV_DEG, RADIUS, NovelViewGenerator, absolute_pose, contact_sheet, plan_views, prepare_reference,
                           view_weights)
@@ -52,14 +57,14 @@ NEGATIVE_PROMPT = ("back view, side view, top view, cropped, out of frame, multi
 QUALITY = {
     "draft": {"steps": 20, "views": 8, "view_steps": 30, "iterations": {"cpu": 150, "cuda": 1500}, "texture_size": 512,
               "max_gaussians": {"cpu": 6000, "cuda": 40000}, "distill_steps": {"cpu": 80, "cuda": 250}, "prior_views": 1,
-              "view_updates": 0,
+              "view_updates": 0, "dream_steps": {"cpu": 150, "cuda": 400},
               "refine_steps": 20, "resolution": {"cpu": 96, "cuda": 256}},
     "standard": {"steps": 30, "views": 12, "view_steps": 50, "iterations": {"cpu": 1000, "cuda": 2000}, "texture_size": 1024,
                  "max_gaussians": {"cpu": 10000, "cuda": 60000}, "distill_steps": {"cpu": 150, "cuda": 500},
-                 "prior_views": 2, "view_updates": 2, "refine_steps": 40, "resolution": {"cpu": 128, "cuda": 256}},
+                 "prior_views": 2, "view_updates": 2, "dream_steps": {"cpu": 300, "cuda": 800}, "refine_steps": 40, "resolution": {"cpu": 128, "cuda": 256}},
     "high": {"steps": 50, "views": 16, "view_steps": 75, "iterations": {"cpu": 1500, "cuda": 4000}, "texture_size": 2048,
              "max_gaussians": {"cpu": 20000, "cuda": 100000}, "distill_steps": {"cpu": 400, "cuda": 1000},
-             "prior_views": 2, "view_updates": 3, "refine_steps": 100, "resolution": {"cpu": 128, "cuda": 256}},
+             "prior_views": 2, "view_updates": 3, "dream_steps": {"cpu": 600, "cuda": 1500}, "refine_steps": 100, "resolution": {"cpu": 128, "cuda": 256}},
 }
 
 
@@ -77,6 +82,7 @@ class GenerateSettings:
     reconstruct: ReconstructSettings = field(default_factory=ReconstructSettings)
     distill: DistillSettings = field(default_factory=DistillSettings)  # with a prior; steps 0: none
     view_updates: int = 0  # iterative dataset updates during distillation (0: none)
+    dream: DreamSettings = field(default_factory=DreamSettings)  # text-to-3D by score distillation (text_to_3d_sds)
     refine: bool = True
     refine_steps: int = 40
 
@@ -204,6 +210,49 @@ def image_to_3d(image: np.ndarray, generator: NovelViewGenerator, settings: Gene
              "reframed": framing["reframed"], "views": len(novel), "view_weights": [round(float(w), 3) for w in views.weights],
              "front": [0.0, -1.0, 0.0], "up": [0.0, 0.0, 1.0], "radius": 1.0, "elevation": elevation_report}
     return GenerateResult(mesh, reference, novel_rgba, norm, timings, stats,
+                          g.moved(norm["center"], norm["scale"]).to("cpu"))
+
+
+def text_to_3d_sds(guidances: Sequence[Guidance], settings: GenerateSettings | None = None, device: str = "cpu",
+                   progress: Progress = NULL, refiner: Callable | None = None) -> GenerateResult:
+    """DreamFusion's text-to-3D on Gaussians (:mod:`backend.pipeline.dream`): score distillation
+    from ``guidances`` (the text prior with view-dependent prompts, or an oracle) from a ball, then
+    the mesh stages on the Gaussians' own renders from a fixed rig, whose front view stands for
+    the reference (the result's ``reference``; ``views``: the rest)."""
+    s = settings or GenerateSettings()
+    plan = progress.stages({"dream": 75, "surface": 15, "refine": 10 if (s.refine and refiner) else 0.001, "export": 1})
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    ds = s.dream
+    ds.seed = s.seed
+    d = dream_gaussians(guidances, ds, device, plan["dream"])
+    g = d.gaussians.to("cpu")
+    views = rig_renders(g, s.resolution)
+    plan["dream"].update(1.0, f"{ds.steps} steps", contact_sheet(views.images, cols=6, size=96))
+    timings["dream"] = time.perf_counter() - t
+    coverage = float((views.images[0, ..., 3] > 0.5).mean())
+    if coverage < 1e-3:
+        raise RuntimeError("score distillation left nothing visible from the front (all the Gaussians faded): "
+                           "try another seed, more steps or a lower guidance")
+    rs = s.reconstruct
+    rs.resolution = 0  # the renders are made at the reconstruction's size
+    rs.mesh.depth_votes = max(rs.mesh.depth_votes, 4)  # as for distilled image-to-3D Gaussians: gaps in the shell
+    rs.mesh.close_voxels = max(rs.mesh.close_voxels, 2)
+    t = time.perf_counter()
+    rec = gaussians_to_textured_mesh(g, views, rs, device, plan["surface"])
+    timings["surface"] = time.perf_counter() - t
+    timings.update({f"surface.{k}": v for k, v in rec.timings.items()})
+    mesh = rec.mesh
+    if s.refine and refiner is not None:
+        t = time.perf_counter()
+        mesh = refiner(mesh, views, plan["refine"])
+        timings["refine"] = time.perf_counter() - t
+    mesh, norm = normalize_mesh(mesh)
+    plan["export"].update(1.0)
+    stats = {**rec.stats, "method": "sds", "dream_steps": ds.steps, "dream_gaussians": len(g),
+             "prior": [x.name for x in guidances], "prior_views": d.report.prior_views, "front_coverage": coverage,
+             "views": len(views), "front": [0.0, -1.0, 0.0], "up": [0.0, 0.0, 1.0], "radius": 1.0}
+    return GenerateResult(mesh, views.images[0], views.images[1:], norm, timings, stats,
                           g.moved(norm["center"], norm["scale"]).to("cpu"))
 
 

@@ -230,17 +230,19 @@ def keep_resident(models):
     return keep() if keep is not None else contextlib.nullcontext()
 
 
-def pipeline_refiner(models, prompt: str, negative: str, settings, device: str):
+def pipeline_refiner(models, prompt: str, negative: str, settings, device: str, reference: bool = True):
     """The last stage of text_to_3d / image_to_3d: refine the baked texture with the
-    text prior (when a prompt exists) and Zero-1-to-3 on the reference view."""
+    text prior (when a prompt exists) and Zero-1-to-3 on the reference view (``views``'
+    first; ``reference`` False: the text prior alone, as for score-distilled text-to-3D,
+    whose first view is its own render, not a user's image)."""
 
     def run(mesh: TexturedMesh, views, progress: Progress = NULL) -> TexturedMesh:
-        ref_rgba = views.images[0]
+        ref_rgba = views.images[0] if reference else None
         s = RefineSettings(steps=settings.refine_steps, update="sdedit", seed=settings.seed, lr=0.02)
-        gs = build_guidances(models, prompt, negative, ref_rgba, settings.reference_elevation, 7.5, 3.0, device)
+        gs = build_guidances(models, prompt, negative, ref_rgba, settings.reference_elevation or 0.0, 7.5, 3.0, device)
+        ref = (ref_rgba, views.c2w[0], views.intrinsics[0]) if reference else None
         with keep_resident(models):
-            new, _ = refine_texture(mesh, gs, s, reference=(ref_rgba, views.c2w[0], views.intrinsics[0]), device=device,
-                                    progress=progress)
+            new, _ = refine_texture(mesh, gs, s, reference=ref, device=device, progress=progress)
         return new
 
     return run

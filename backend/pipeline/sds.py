@@ -80,6 +80,7 @@ class View:
     source: int = -1  # index into the given cameras, or -1 when sampled
     scale: float = 1.0  # the object's apparent size relative to the reference framing (1: framed as the reference)
     offset: float = 0.0  # distance of the object's centre from the frame's centre, as a fraction of the frame
+    background: float = 1.0  # grey level the render was made on (1: white); an oracle composites its truth on it
 
 
 class Guidance(Protocol):

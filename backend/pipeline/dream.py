@@ -1,0 +1,166 @@
+"""Text-to-3D by score distillation on Gaussians: DreamFusion's method, DreamGaussian's representation.
+
+No image is made first: Gaussians start as a ball in the canonical rig (object at the origin,
+cameras at :data:`backend.pipeline.novel_views.RADIUS`, field of view ``FOV_DEG``) and every step
+renders them from ``views_per_step`` random cameras around it (azimuth uniform, elevation in
+``elevation_range``), on a white or, with probability ``black_background``, a black background
+(DreamGaussian's inverted background: on white alone, Gaussians where there is no object turn white
+instead of vanishing), and scores the renders by each guidance through
+:func:`backend.pipeline.sds.guidance_loss` (score distillation with an annealed timestep). The text
+prior is :class:`backend.pipeline.sds.StableDiffusionGuidance` with view-dependent prompts (front,
+side, back, overhead: DreamFusion's answer to the many-faced Janus object); the tests use the oracle
+denoiser, which knows a true object.
+
+Each sampled :class:`backend.pipeline.sds.View` carries its ``background``, so an oracle composites
+its truth on the same one. What comes out is Gaussians (:func:`dream_gaussians`) and their own renders
+from a fixed rig (:func:`rig_renders`), from which the usual mesh, UV and texture stages take over
+(:func:`backend.pipeline.generate.text_to_3d_sds`).
+
+Plain data in and out: guidances and settings; no model is loaded here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..common import cameras as cam
+from ..common.dataset import PosedViews
+from ..common.progress import NULL, Progress
+from ..gaussians.model import Gaussians
+from .distill import _render
+from .novel_views import FILL, FOV_DEG, RADIUS
+from .sds import Guidance, priors_loss, sample_view
+
+
+@dataclass
+class DreamSettings:
+    steps: int = 500  # 0: the ball itself (a test of what follows)
+    gaussians: int = 3000
+    init_radius: float = 0.5  # of the ball, as a fraction of the reference framing's object radius
+    init_opacity: float = 0.3
+    render_size: int = 0  # the prior's renders (0: 64 on CPU, 256 on CUDA; the guidance resizes to its own)
+    views_per_step: int = 1
+    elevation_range: tuple = (-10.0, 45.0)
+    black_background: float = 0.5  # chance of a black background instead of white
+    # the prior's update rule and schedule (backend.pipeline.sds.guidance_loss)
+    update: str = "sds"
+    t_range: tuple = (0.02, 0.98)
+    t_final_max: float = 0.5
+    sdedit_t: tuple = (0.15, 0.45)
+    sdedit_steps: int = 4
+    # learning rates (means: per unit of object radius, decayed to lr_means_final of it)
+    lr_means: float = 5e-3
+    lr_means_final: float = 0.1
+    lr_scales: float = 5e-3
+    lr_quats: float = 1e-3
+    lr_opacities: float = 5e-2
+    lr_sh0: float = 2e-2
+    max_scale: float = 0.15  # largest Gaussian, as a fraction of the object radius
+    seed: int = 0
+
+
+@dataclass
+class DreamReport:
+    steps: int
+    seconds: float
+    prior_views: dict = field(default_factory=dict)  # guidance name -> random views it scored
+    losses: list = field(default_factory=list)  # every 10th step: {step, prior}
+
+
+@dataclass
+class DreamResult:
+    gaussians: Gaussians
+    report: DreamReport
+
+
+def object_radius() -> float:
+    """The radius of an object framed as a reference is (``FILL`` of the frame) at the rig's distance."""
+    return RADIUS * math.tan(math.radians(FOV_DEG) / 2) * FILL
+
+
+def initial_ball(n: int, radius: float, opacity: float = 0.3, seed: int = 0) -> Gaussians:
+    """``n`` grey Gaussians uniformly in a ball of ``radius`` around the origin."""
+    rng = np.random.default_rng(seed)
+    d = rng.normal(size=(n, 3))
+    d /= np.linalg.norm(d, axis=1, keepdims=True).clip(1e-9)
+    pts = d * radius * rng.uniform(0, 1, (n, 1)) ** (1 / 3)
+    scale = radius * (4.0 / n) ** (1 / 3)  # about touching neighbours
+    return Gaussians.create(torch.tensor(pts, dtype=torch.float32), torch.full((n, 3), 0.5), scale, opacity=opacity)
+
+
+def dream_gaussians(guidances: Sequence[Guidance], settings: DreamSettings | None = None, device: str = "cpu",
+                    progress: Progress = NULL, init: Gaussians | None = None) -> DreamResult:
+    """Score distillation from ``guidances`` alone on Gaussians in the canonical rig, starting from
+    ``init`` or a ball (:func:`initial_ball`)."""
+    s = settings or DreamSettings()
+    if s.update not in ("sds", "sdedit", "csd"):
+        raise ValueError(f"unknown update rule {s.update!r}")
+    if not guidances:
+        raise ValueError("score distillation needs at least one guidance")
+    t0 = time.perf_counter()
+    dev = torch.device(device)
+    rng = np.random.default_rng(s.seed)
+    gen = torch.Generator("cpu").manual_seed(s.seed)
+    size = s.render_size or (256 if dev.type == "cuda" else 64)
+    radius = object_radius()
+    g0 = init if init is not None else initial_ball(s.gaussians, s.init_radius * radius, s.init_opacity, s.seed)
+    report = DreamReport(s.steps, 0.0, prior_views={g.name: 0 for g in guidances})
+    params = {k: torch.nn.Parameter(v.detach().to(dev).clone()) for k, v in g0.params.items() if k != "shN"}
+    lrs = {"means": s.lr_means * radius, "quats": s.lr_quats, "scales": s.lr_scales, "opacities": s.lr_opacities,
+           "sh0": s.lr_sh0}
+    optimizers = {k: torch.optim.Adam([p], lr=lrs[k], eps=1e-15) for k, p in params.items()}
+    gamma = s.lr_means_final ** (1.0 / max(1, s.steps))
+    max_log_scale = math.log(s.max_scale * radius)
+    center = np.zeros(3)
+    K = torch.as_tensor(cam.Intrinsics.from_fov(math.radians(FOV_DEG), size, size).K(), dtype=torch.float32,
+                        device=dev)[None]
+    for step in range(s.steps):
+        frac = step / max(1, s.steps - 1)
+        pv = []
+        for _ in range(s.views_per_step):
+            v = sample_view(rng, center, RADIUS, FOV_DEG, s, size)
+            pv.append(replace(v, background=0.0 if rng.uniform() < s.black_background else 1.0))
+        vm = torch.as_tensor(cam.c2w_to_viewmat(np.stack([v.c2w for v in pv])), dtype=torch.float32, device=dev)
+        bg = torch.tensor([[v.background] * 3 for v in pv], dtype=torch.float32, device=dev)
+        colors, _ = _render(params, vm, K.expand(len(pv), -1, -1), size, size, bg)
+        loss = priors_loss(guidances, colors.permute(0, 3, 1, 2), pv, frac, s, gen, report.prior_views)
+        loss.backward()
+        for opt in optimizers.values():
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        for group in optimizers["means"].param_groups:
+            group["lr"] *= gamma
+        with torch.no_grad():
+            params["scales"].clamp_(max=max_log_scale)
+        if step % 10 == 0 or step == s.steps - 1:
+            report.losses.append({"step": step, "prior": float(loss.detach())})
+        progress.update((step + 1) / max(1, s.steps), f"step {step + 1}/{s.steps}")
+    report.seconds = time.perf_counter() - t0
+    return DreamResult(Gaussians({k: v.detach() for k, v in params.items()}, 0), report)
+
+
+# the rig the mesh stages see the dreamt Gaussians from: the front first (it plays the reference), then
+# a ring below and above, and the top
+RIG_POSES = ((0.0, 0.0),) + tuple((el, az) for el in (-10.0, 20.0) for az in range(0, 360, 45) if (el, az) != (0.0, 0))
+RIG_POSES = RIG_POSES + ((60.0, 90.0), (60.0, 270.0))
+
+
+@torch.no_grad()
+def rig_renders(g: Gaussians, size: int = 128, poses: Sequence[tuple[float, float]] = RIG_POSES) -> PosedViews:
+    """The Gaussians' own straight-alpha RGBA renders from ``poses`` (elevation, azimuth) at the rig's
+    distance: the posed views the mesh, hull and bake stages take (view 0, the front, plays the
+    reference)."""
+    k = cam.Intrinsics.from_fov(math.radians(FOV_DEG), size, size)
+    c2w = np.stack([cam.spherical_to_c2w(el, az, RADIUS) for el, az in poses])
+    col, al, _ = g.render(c2w, k, background=None)
+    a = al.cpu().numpy().astype(np.float32)
+    rgb = col.cpu().numpy().astype(np.float32) / np.maximum(a, 1e-6)
+    images = np.concatenate([np.clip(rgb, 0, 1), np.clip(a, 0, 1)], -1)
+    names = ["front"] + [f"rig_{i:02d}" for i in range(1, len(poses))]
+    return PosedViews(images, c2w, [k] * len(poses), names, np.ones(len(poses)))
