@@ -387,7 +387,7 @@ def test_a_spongy_surface_still_meets_the_face_budget():
     s = CleanSettings(target_faces=1000)
     assert len(_clean_once(v, f, s)[1]) < 900  # one pass falls short
     v2, f2, n2 = clean_mesh(v, f, s)
-    assert 950 <= len(f2) <= 1050, len(f2)
+    assert 950 <= len(f2) <= 1000, len(f2)
     assert len(n2) == len(v2) and np.isfinite(v2).all()
 
 

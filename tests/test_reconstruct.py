@@ -131,7 +131,7 @@ def test_reconstruct_job_on_the_server(gt_data, tmp_path):
             glb = msg.attachment("model.glb").data
             assert read_glb(glb)[0].texture is not None
             assert msg.attachment("gaussians.ply") is not None
-            assert msg.get("metadata")["faces"] <= 600
+            assert 570 <= msg.get("metadata")["faces"] <= 600  # the face budget, within 5 %
             # bad input: a frame whose image was not sent, and a NaN camera
             meta = json.loads(atts[0].data)
             meta["frames"][0]["file_path"] = "views/nothing.png"
