@@ -28,7 +28,10 @@ fault's cost can be measured; ``--set`` changes any setting of the job.
 real weights), the mesh is put back in the truth's frame, and the script prints held-out
 PSNR (textured mesh vs Blender truth over the union of masks, on white), mask IoU,
 Chamfer and F-score at 1 % of the truth's diagonal, the reference view's own PSNR, wall
-time, peak memory and whether the mesh is watertight (``--renders``: held-out renders,
+time, peak memory, whether the mesh is watertight, UV figures (atlas use, charts, the fraction of
+edges cut by seams, the normal map's bake time) and seam pixels (the seam test on this mesh's UVs:
+a smooth colour field baked onto them, close-ups at 4 pixels per texel, white or black pixels
+inside the silhouette; ``--renders``: held-out renders,
 truth above and ours below, and the generated views, as PNGs to look at).
 """
 
@@ -69,6 +72,44 @@ def settings_for(quality: str, device: str) -> GenerateSettings:
               "faces": 20000, "texture_size": 0, "reference_elevation": 0.0, "refine": False, "refine_steps": 0,
               "prior": True, "distill_steps": 0, "view_updates": -1}
     return settings_from_params(params, device)
+
+
+def seam_pixels_of(mesh, c2ws, texel_px: float = 4.0, size: int = 160) -> int:
+    """The seam test (tests/test_pbr.py) on this mesh's own UVs: a smooth colour field far from
+    white and black, baked through the product's bake (``bake_texture``, gutters filled) at the
+    mesh's texture size, then close-ups of the object's centre in which a texel spans ``texel_px``
+    pixels, from each of ``c2ws``: the pixels inside the silhouette that are white (background)
+    or black (an empty texel) are what UV seams show."""
+    from backend.common.metrics import seam_pixels
+    from backend.mesh.bake import BakeSettings, BakeView, bake_texture, sphere_cameras
+    from backend.mesh.raster import interpolate, rasterize_mesh
+    from backend.pipeline.reconstruct import atlas_use
+
+    v, f = mesh.vertices, mesh.faces
+    V, F = torch.as_tensor(v, dtype=torch.float32), torch.as_tensor(f)
+    lo, hi = v.min(0), v.max(0)
+    centre, ext = 0.5 * (lo + hi), float(np.linalg.norm(hi - lo))
+
+    def colour(p):
+        return 0.3 + 0.2 * (np.sin(6 * (p - centre) / ext) + 1.0)
+
+    views = []
+    for c2w, k in sphere_cameras(centre, 1.6 * ext, 40.0, 256):
+        r = rasterize_mesh(V, F, c2w, k)
+        pos = interpolate(r, V, F).numpy()
+        views.append(BakeView(c2w, k, np.concatenate([colour(pos), r.mask.numpy()[..., None]], -1).astype(np.float32)))
+    size_t = mesh.texture.shape[0]
+    tex, _ = bake_texture(v, f, mesh.uv, mesh.normals, views, BakeSettings(texture_size=size_t))
+    field = mesh.copy(texture=tex)
+    area = 0.5 * np.linalg.norm(np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]]), axis=1).sum()
+    texel = math.sqrt(area / max(atlas_use(mesh.uv, f, size_t) * size_t * size_t, 1e-12))
+    bad = np.array([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]], np.float32)
+    count = 0
+    for c2w in c2ws:
+        fpx = texel_px * float(np.linalg.norm(c2w[:3, 3] - centre)) / texel
+        k = cam.Intrinsics(fpx, fpx, size / 2, size / 2, size, size)
+        count += seam_pixels(render_mesh_rgba(field, c2w, k, supersample=1), bad)
+    return count
 
 
 def run_one(obj: str, kind: str, args, work: Path, device: str) -> dict:
@@ -135,6 +176,7 @@ def run_one(obj: str, kind: str, args, work: Path, device: str) -> dict:
     k = cam.Intrinsics.from_fov(math.radians(oracle.fov_deg), reference.shape[1], reference.shape[0])
     ref_psnr = psnr_union(render_mesh_rgba(mesh, oracle.reference_c2w(0.0), k, supersample=4), reference)
     geo = chamfer_fscore(mesh.vertices, mesh.faces, gt["vertices"], gt["faces"])
+    seams = seam_pixels_of(mesh, test.c2w[:3])
     if args.meshes:
         Path(args.meshes).mkdir(parents=True, exist_ok=True)
         np.savez_compressed(Path(args.meshes) / f"{obj}_{kind}.npz", vertices=mesh.vertices, faces=mesh.faces,
@@ -147,7 +189,7 @@ def run_one(obj: str, kind: str, args, work: Path, device: str) -> dict:
            "mask_iou": float(np.mean(ious)), "chamfer": geo["chamfer"], "fscore": geo["fscore"],
            "precision": geo["precision"], "recall": geo["recall"],
            "reference_psnr": ref_psnr, "seconds": wall, "peak_rss_gb": mem.peak / 1e9, "timings": res.timings,
-           "novel_views": int(len(res.views)),
+           "novel_views": int(len(res.views)), "seam_pixels": seams,
            **{k: res.stats.get(k) for k in ("watertight", "boundary_edges", "non_manifold_edges", "components", "genus", "faces",
                                             "atlas_use", "texture_coverage", "uv_charts", "uv_seam_edges",
                                             "uv_seam_fraction",
@@ -219,13 +261,13 @@ def main() -> None:
     print(f"\ndevice {device} ({what}), quality {args.quality}, {args.test} held-out views at {args.resolution} px")
     print(f"{'object':8} {'views':9} {'prior':6} {'PSNR':>6} {'IoU':>6} {'chamfer':>8} {'F@1%':>6} {'refPSNR':>8} "
           f"{'time s':>7} {'peakGB':>7} {'watertight':>10} {'genus':>5} {'atlas':>5} {'charts':>6} {'seams':>5} "
-          f"{'nmap s':>6}")
+          f"{'nmap s':>6} {'seam px':>7}")
     for r in rows:
         print(f"{r['object']:8} {r['views']:9} {r['prior']:6} {r['psnr']:6.2f} {r['mask_iou']:6.3f} {r['chamfer']:8.4f} "
               f"{r['fscore']:6.3f} {r['reference_psnr']:8.2f} {r['seconds']:7.1f} {r['peak_rss_gb']:7.2f} "
               f"{str(r['watertight']):>10} {str(r['genus']):>5} {r['atlas_use'] or 0:5.2f} "
               f"{r['uv_charts'] or 0:6d} {r['uv_seam_fraction'] or 0:5.2f} "
-              f"{r['timings'].get('surface.normal_map', 0.0):6.2f}")
+              f"{r['timings'].get('surface.normal_map', 0.0):6.2f} {r['seam_pixels']:7d}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
