@@ -1,6 +1,6 @@
 """Per-stage timings of text-to-3D and image-to-3D with full-size architectures.
 
-    python bench/generate.py [--quality standard] [--device cuda] [--quick] [--keep DIR]
+    python bench/generate.py [--quality standard] [--device cuda] [--quick] [--keep DIR] [--tiny]
 
 Speed is a property of the architecture, not of the weights: this builds
 random-weight models with the real configurations (Stable Diffusion 1.5:
@@ -10,7 +10,9 @@ Linear(772, 768)) in the published folder layout, loads them through the
 product's loader, and runs the jobs as the server would. Prints each stage's
 seconds, the totals and the peak GPU memory. The pictures are noise; the
 timings are the real ones. Absolute times mean something on the GPU machine;
-``--quick`` (1-2 steps everywhere) only proves it runs on a CPU.
+``--quick`` (1-2 steps everywhere) only proves it runs on a CPU. Each job also prints its
+atlas use and seam pixels (the seam test on the returned GLB's UVs); ``--tiny`` runs the tiny
+preset's replicas instead, for those figures at the settings CI uses.
 """
 
 from __future__ import annotations
@@ -113,6 +115,20 @@ def _cleanup_stand_in() -> bool:
     return True
 
 
+def _seam_pixels(out) -> int:
+    """The seam test on the returned GLB's UVs (bench/image_to_3d.py's ``seam_pixels_of``)."""
+    from backend.common import cameras as cam
+    from backend.mesh.gltf import read_glb
+    from backend.mesh.textured import TexturedMesh, vertex_normals
+    from bench.image_to_3d import seam_pixels_of
+
+    glb = next(a.data for a in out.attachments if a.name == "model.glb")
+    prim = read_glb(glb)[0]
+    v = prim.world_vertices().astype(np.float64)
+    mesh = TexturedMesh(v, prim.indices, prim.uv, prim.texture, vertex_normals(v, prim.indices))
+    return seam_pixels_of(mesh, [cam.spherical_to_c2w(el, az, 3.0) for el, az in ((20, 30), (-20, 150), (40, 260))])
+
+
 def run(kind: str, store: ModelStore, device: str, params: dict) -> dict:
     from gen3d_wire.protocol import Attachment
 
@@ -134,7 +150,8 @@ def run(kind: str, store: ModelStore, device: str, params: dict) -> dict:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     total = time.perf_counter() - t0
-    res = {"kind": kind, "total": total, "stages": out.metadata["timings"], "renderer": out.metadata.get("renderer")}
+    res = {"kind": kind, "total": total, "stages": out.metadata["timings"], "renderer": out.metadata.get("renderer"),
+           "atlas_use": out.metadata.get("atlas_use"), "seam_pixels": _seam_pixels(out)}
     if device.startswith("cuda"):
         res["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return res
@@ -150,16 +167,21 @@ def main() -> None:
     ap.add_argument("--offload-refinement", action="store_true",
                     help="with --low-vram: keep CPU offload during refinement too (to measure what it costs)")
     ap.add_argument("--only", choices=("image_to_3d", "text_to_3d"), default=None)
+    ap.add_argument("--tiny", action="store_true", help="the tiny preset's random replicas instead of full-size models")
     args = ap.parse_args()
     device = dev.pick_device(args.device)
     _cleanup_stand_in()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.keep or tmp)
         t0 = time.perf_counter()
-        sd = root / "sd15" if (root / "sd15" / "model_index.json").exists() else build_full_sd(root / "sd15")
-        z = root / "zero123xl" if (root / "zero123xl" / "model_index.json").exists() else build_full_zero123(root / "zero123xl")
-        print(f"full-size random models ready in {time.perf_counter() - t0:.1f} s", flush=True)
-        store = ModelStore("default", device, args.low_vram, text_to_image=str(sd), novel_view=str(z))
+        if args.tiny:
+            store = ModelStore("tiny", device, args.low_vram)
+        else:
+            sd = root / "sd15" if (root / "sd15" / "model_index.json").exists() else build_full_sd(root / "sd15")
+            z = (root / "zero123xl" if (root / "zero123xl" / "model_index.json").exists()
+                 else build_full_zero123(root / "zero123xl"))
+            print(f"full-size random models ready in {time.perf_counter() - t0:.1f} s", flush=True)
+            store = ModelStore("default", device, args.low_vram, text_to_image=str(sd), novel_view=str(z))
         t0 = time.perf_counter()
         store.stable_diffusion()
         store.zero123()
@@ -184,7 +206,8 @@ def main() -> None:
         print(f"{r['kind']:12} total {r['total']:7.1f} s  " + "  ".join(f"{k} {v:.1f}" for k, v in stages.items())
               + (f"  peak GPU {r['peak_gpu_gb']:.1f} GiB" if "peak_gpu_gb" in r else ""))
         sub = {k.split(".", 1)[1]: v for k, v in r["stages"].items() if k.startswith("surface.")}
-        print(f"{'':12} surface: " + "  ".join(f"{k} {v:.1f}" for k, v in sub.items()) + f"  (renderer {r['renderer']})")
+        print(f"{'':12} surface: " + "  ".join(f"{k} {v:.1f}" for k, v in sub.items()) + f"  (renderer {r['renderer']})"
+              + f"  atlas use {r['atlas_use'] or 0:.2f}, seam pixels {r['seam_pixels']}")
 
 
 if __name__ == "__main__":
