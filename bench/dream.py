@@ -22,7 +22,6 @@ import math
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -40,24 +39,9 @@ from backend.pipeline.novel_views import FOV_DEG, RADIUS  # noqa: E402
 from backend.pipeline.sds import OracleGuidance  # noqa: E402
 from bench.reconstruct import PeakRSS  # noqa: E402
 from evaluation.groundtruth import run_groundtruth  # noqa: E402
-from evaluation.oracle import RigTruth, framing_radius, gt_textured_mesh  # noqa: E402
+from evaluation.oracle import RigTruth, ToldFront, framing_radius, gt_textured_mesh  # noqa: E402
 
 HELD_OUT = [(el, az) for el in (0.0, 30.0) for az in (45.0, 135.0, 225.0, 315.0)]
-
-
-class ToldFront:
-    """Back views (azimuth 90-270) answered with the front's image."""
-
-    def __init__(self, truth):
-        self.truth = truth
-
-    def __call__(self, views):
-        out = []
-        for v in views:
-            if 90 < v.azimuth % 360 < 270:
-                v = replace(v, c2w=cam.spherical_to_c2w(v.elevation, v.azimuth - 180, v.radius), azimuth=v.azimuth - 180)
-            out.append(v)
-        return self.truth(out)
 
 
 def settings_for(quality: str, device: str):

@@ -329,6 +329,27 @@ class RigTruth(MeshTruth):
         return torch.stack(out)
 
 
+class ToldFront:
+    """A truth whose back views (azimuth 90-270) answer with the front's image: what a text prior
+    does when the prompt says "front" whatever the camera (the cause of Janus objects). A negative
+    control for text-to-3D by score distillation."""
+
+    def __init__(self, truth):
+        self.truth = truth
+
+    def __call__(self, views):
+        from dataclasses import replace
+
+        from backend.common import cameras as cam
+
+        out = []
+        for v in views:
+            if 90 < v.azimuth % 360 < 270:
+                v = replace(v, c2w=cam.spherical_to_c2w(v.elevation, v.azimuth - 180, v.radius), azimuth=v.azimuth - 180)
+            out.append(v)
+        return self.truth(out)
+
+
 def gt_textured_mesh(npz) -> "object":
     """The ground truth's ``gt_mesh.npz`` (vertices, faces, uv, texture) as a TexturedMesh."""
     from backend.mesh.textured import TexturedMesh

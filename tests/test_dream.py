@@ -17,26 +17,10 @@ from backend.pipeline.dream import DreamSettings, dream_gaussians, initial_ball,
 from backend.pipeline.generate import GenerateSettings, text_to_3d_sds
 from backend.pipeline.novel_views import RADIUS
 from backend.pipeline.sds import OracleGuidance, View
-from evaluation.oracle import MeshTruth, RigTruth
+from evaluation.oracle import MeshTruth, RigTruth, ToldFront
 from tests.test_distill import SIZE, _box, _held_out, _k
 
 STEPS = 200
-
-
-class ToldFront:
-    """A truth whose back views (azimuth 90-270) answer with the front's image: what a text prior
-    does when the prompt says "front" whatever the camera."""
-
-    def __init__(self, truth):
-        self.truth = truth
-
-    def __call__(self, views):
-        out = []
-        for v in views:
-            if 90 < v.azimuth % 360 < 270:
-                v = replace(v, c2w=cam.spherical_to_c2w(v.elevation, v.azimuth - 180, v.radius), azimuth=v.azimuth - 180)
-            out.append(v)
-        return self.truth(out)
 
 
 @pytest.fixture(scope="module")

@@ -118,6 +118,34 @@ def _object_rig(views: PosedViews) -> tuple[np.ndarray, float, float]:
     return center, dist, math.degrees(views.intrinsics[0].fov_x)
 
 
+class GaussianOptimizer:
+    """Adam on each of the Gaussians' parameters (not ``shN``) at a settings object's learning rates
+    (``lr_means`` per unit of ``radius``, decayed to ``lr_means_final`` of it over ``steps``;
+    ``lr_scales``, ``lr_quats``, ``lr_opacities``, ``lr_sh0``), the scales clamped to
+    ``max_scale * radius`` after each step. Shared by distillation and text-to-3D (dream.py)."""
+
+    def __init__(self, gaussians: Gaussians, s, radius: float, dev: torch.device):
+        self.params = {k: torch.nn.Parameter(v.detach().to(dev).clone()) for k, v in gaussians.params.items()
+                       if k != "shN"}
+        lrs = {"means": s.lr_means * radius, "quats": s.lr_quats, "scales": s.lr_scales, "opacities": s.lr_opacities,
+               "sh0": s.lr_sh0}
+        self.optimizers = {k: torch.optim.Adam([p], lr=lrs[k], eps=1e-15) for k, p in self.params.items()}
+        self.gamma = s.lr_means_final ** (1.0 / max(1, s.steps))
+        self.max_log_scale = math.log(s.max_scale * radius)
+
+    def step(self) -> None:
+        for opt in self.optimizers.values():
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        for group in self.optimizers["means"].param_groups:
+            group["lr"] *= self.gamma
+        with torch.no_grad():
+            self.params["scales"].clamp_(max=self.max_log_scale)
+
+    def gaussians(self) -> Gaussians:
+        return Gaussians({k: v.detach() for k, v in self.params.items()}, 0)
+
+
 def _render(params: dict, viewmats: torch.Tensor, Ks: torch.Tensor, W: int, H: int, bg: torch.Tensor,
             mode: str = "RGB"):
     g = Gaussians(params, 0)
@@ -173,12 +201,8 @@ def _distill(gaussians: Gaussians, views: PosedViews, guidances: list, s: Distil
     report = DistillReport(s.steps, 0.0, prior_views={g.name: 0 for g in guidances})
     report.initial_disagreement = disagreement(gaussians.to(dev), views, generated)
 
-    params = {k: torch.nn.Parameter(v.detach().to(dev).clone()) for k, v in gaussians.params.items() if k != "shN"}
-    lrs = {"means": s.lr_means * radius, "quats": s.lr_quats, "scales": s.lr_scales, "opacities": s.lr_opacities,
-           "sh0": s.lr_sh0}
-    optimizers = {k: torch.optim.Adam([p], lr=lrs[k], eps=1e-15) for k, p in params.items()}
-    gamma = s.lr_means_final ** (1.0 / max(1, s.steps))
-    max_log_scale = math.log(s.max_scale * radius)
+    opt = GaussianOptimizer(gaussians, s, radius, dev)
+    params = opt.params
 
     images = torch.as_tensor(views.images, dtype=torch.float32, device=dev)
     viewmats = torch.as_tensor(cam.c2w_to_viewmat(views.c2w), dtype=torch.float32, device=dev)
@@ -226,19 +250,13 @@ def _distill(gaussians: Gaussians, views: PosedViews, guidances: list, s: Distil
             prior_loss = priors_loss(guidances, pc.permute(0, 3, 1, 2), pv, frac, s, gen, report.prior_views, aligner)
             loss = loss + s.prior_weight * prior_loss
         loss.backward()
-        for opt in optimizers.values():
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        for group in optimizers["means"].param_groups:
-            group["lr"] *= gamma
-        with torch.no_grad():
-            params["scales"].clamp_(max=max_log_scale)
+        opt.step()
         if step % 10 == 0 or step == s.steps - 1:
             report.losses.append({"step": step, "reference": float(ref_loss.detach()), "views": float(view_loss.detach()),
                                   "prior": float(prior_loss.detach())})
         progress.update((step + 1) / max(1, s.steps), f"step {step + 1}/{s.steps}, reference {float(ref_loss.detach()):.4f}")
 
-    out = Gaussians({k: v.detach() for k, v in params.items()}, 0)
+    out = opt.gaussians()
     final_views = PosedViews(images.detach().cpu().numpy().astype(np.float32), views.c2w.copy(), list(views.intrinsics),
                              list(views.names), views.weights.copy())
     report.view_disagreement = disagreement(out, final_views, generated)

@@ -33,7 +33,7 @@ from ..common import cameras as cam
 from ..common.dataset import PosedViews
 from ..common.progress import NULL, Progress
 from ..gaussians.model import Gaussians
-from .distill import _render
+from .distill import GaussianOptimizer, _render
 from .novel_views import FILL, FOV_DEG, RADIUS
 from .sds import Guidance, priors_loss, sample_view
 
@@ -111,12 +111,7 @@ def dream_gaussians(guidances: Sequence[Guidance], settings: DreamSettings | Non
     radius = object_radius()
     g0 = init if init is not None else initial_ball(s.gaussians, s.init_radius * radius, s.init_opacity, s.seed)
     report = DreamReport(s.steps, 0.0, prior_views={g.name: 0 for g in guidances})
-    params = {k: torch.nn.Parameter(v.detach().to(dev).clone()) for k, v in g0.params.items() if k != "shN"}
-    lrs = {"means": s.lr_means * radius, "quats": s.lr_quats, "scales": s.lr_scales, "opacities": s.lr_opacities,
-           "sh0": s.lr_sh0}
-    optimizers = {k: torch.optim.Adam([p], lr=lrs[k], eps=1e-15) for k, p in params.items()}
-    gamma = s.lr_means_final ** (1.0 / max(1, s.steps))
-    max_log_scale = math.log(s.max_scale * radius)
+    opt = GaussianOptimizer(g0, s, radius, dev)
     center = np.zeros(3)
     K = torch.as_tensor(cam.Intrinsics.from_fov(math.radians(FOV_DEG), size, size).K(), dtype=torch.float32,
                         device=dev)[None]
@@ -128,21 +123,15 @@ def dream_gaussians(guidances: Sequence[Guidance], settings: DreamSettings | Non
             pv.append(replace(v, background=0.0 if rng.uniform() < s.black_background else 1.0))
         vm = torch.as_tensor(cam.c2w_to_viewmat(np.stack([v.c2w for v in pv])), dtype=torch.float32, device=dev)
         bg = torch.tensor([[v.background] * 3 for v in pv], dtype=torch.float32, device=dev)
-        colors, _ = _render(params, vm, K.expand(len(pv), -1, -1), size, size, bg)
+        colors, _ = _render(opt.params, vm, K.expand(len(pv), -1, -1), size, size, bg)
         loss = priors_loss(guidances, colors.permute(0, 3, 1, 2), pv, frac, s, gen, report.prior_views)
         loss.backward()
-        for opt in optimizers.values():
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        for group in optimizers["means"].param_groups:
-            group["lr"] *= gamma
-        with torch.no_grad():
-            params["scales"].clamp_(max=max_log_scale)
+        opt.step()
         if step % 10 == 0 or step == s.steps - 1:
             report.losses.append({"step": step, "prior": float(loss.detach())})
         progress.update((step + 1) / max(1, s.steps), f"step {step + 1}/{s.steps}")
     report.seconds = time.perf_counter() - t0
-    return DreamResult(Gaussians({k: v.detach() for k, v in params.items()}, 0), report)
+    return DreamResult(opt.gaussians(), report)
 
 
 # the rig the mesh stages see the dreamt Gaussians from: the front first (it plays the reference), then
