@@ -620,7 +620,8 @@ def _configure_generate(p) -> None:
     src.add_argument("--prompt", help="text prompt (text_to_3d)")
     src.add_argument("--image", help="reference image file (image_to_3d)")
     p.add_argument("--front", default=None, help="with --prompt: lift this front view (one that `fronts` made) "
-                                                  "instead of making one; give its seed with --seed")
+                                                  "instead of making one (with --method sds: anchor on it); give "
+                                                  "its seed with --seed")
     p.add_argument("--out", required=True, help="output file (GLB; OBJ or PLY by --format or its suffix)")
     add_format_flag(p)
     p.add_argument("--reference-out", default=None, help="also write the framed reference image (PNG)")

@@ -163,6 +163,19 @@ def generation_params(s) -> dict:
     return params
 
 
+def uses_front(s) -> bool:
+    """Whether a text job has a front view: the Front View method, or anchored score distillation."""
+    return s.text_method == "IMAGE" or bool(s.sds_anchor)
+
+
+def text_method_params(s, chosen: bool = False) -> dict:
+    """The text job's method parameters: none for Front View; for Score Distillation, ``method: sds``
+    and its anchor (a chosen front view always anchors it: it is sent as the job's image)."""
+    if s.text_method != "SDS":
+        return {}
+    return {"method": "sds", "anchor": "front" if (chosen or s.sds_anchor) else "none"}
+
+
 def wire_params(s, params: dict) -> dict:
     """What is sent: with Topology Quads, ``topology: quad`` (the backend makes triangles that pair
     into about the face budget's polygons, and says which pairs to join)."""
@@ -257,16 +270,14 @@ class GEN3D_OT_generate_from_text(_JobOperator, bpy.types.Operator):
         conn = _connection_or_report(self, context, job)
         if conn is None:
             return {"CANCELLED"}
-        if s.choose_front and s.text_method == "IMAGE":  # candidates first; GEN3D_OT_use_front lifts the one picked
+        if s.choose_front and uses_front(s):  # candidates first; GEN3D_OT_use_front lifts the one picked
             job = Job("text_to_image", "Front views", "TEXT")
             job.params = {"prompt": prompt, "seed": int(s.seed), "quality": s.quality, "count": int(s.front_count)}
             if s.negative_prompt.strip():
                 job.params["negative_prompt"] = s.negative_prompt.strip()
             job.apply = _apply_fronts(dict(generation_params(s), prompt=prompt))
             return submit_job(self, job, conn)
-        job.params = wire_params(s, dict(generation_params(s), prompt=prompt))
-        if s.text_method == "SDS":
-            job.params["method"] = "sds"
+        job.params = wire_params(s, dict(generation_params(s), prompt=prompt, **text_method_params(s)))
         name = "gen3d_" + scene_io.slug(prompt)
         place = scene_io.placement(context, name, {"kind": job.kind, "prompt": prompt, **generation_params(s)},
                                    s.height, s.topology == "QUADS")
@@ -309,7 +320,7 @@ class GEN3D_OT_use_front(_JobOperator, bpy.types.Operator):
         P, _ = wire.require()
         prompt, seed = fronts["prompt"], int(fronts["seeds"][self.index])
         # the settings now in the panel (quality, faces... may have changed since), the front's prompt and seed
-        params = dict(generation_params(s), prompt=prompt, seed=seed)
+        params = dict(generation_params(s), prompt=prompt, seed=seed, **text_method_params(s, chosen=True))
         job.params = wire_params(s, params)
         job.attachments = [P.Attachment("image", "image/png", fronts["pngs"][self.index])]
         name = "gen3d_" + scene_io.slug(prompt)

@@ -54,6 +54,10 @@ class GEN3D_SceneSettings(bpy.types.PropertyGroup):
                ("SDS", "Score Distillation", "The text prior shapes the whole object from random views "
                 "(DreamFusion's method; slower, the back is the prior's and not one view's guess)")),
         description="How text becomes 3D")
+    sds_anchor: BoolProperty(
+        name="Anchor on a Front View", default=True,
+        description="Score distillation also fits a front view made from the text (or the one chosen) and asks the "
+                    "novel-view model about it, against objects with a second face on the back (slower)")
     choose_front: BoolProperty(
         name="Choose the Front View First", default=False,
         description="Generate makes several front views (seed variations) first; pick the one to lift to 3D")

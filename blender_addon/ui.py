@@ -236,9 +236,12 @@ class GEN3D_PT_generate_text(_Gen3DPanel, bpy.types.Panel):
         s = context.scene.gen3d
         layout.prop(s, "prompt", text="", placeholder="Prompt, e.g. a red wooden chair")
         layout.prop(s, "text_method", text="Method")
-        fronts = s.choose_front and s.text_method == "IMAGE"
+        if s.text_method == "SDS":
+            layout.prop(s, "sds_anchor", text="Anchor on a Front View")
+        with_front = s.text_method == "IMAGE" or s.sds_anchor  # unanchored score distillation makes no front view
+        fronts = s.choose_front and with_front
         row = layout.row()
-        row.enabled = s.text_method == "IMAGE"  # score distillation makes no front view
+        row.enabled = with_front
         row.prop(s, "choose_front", text="Choose Front First")
         sub = row.row()
         sub.enabled = s.choose_front

@@ -221,6 +221,7 @@ def stub_specs():
     return [
         JobSpec("text_to_3d", "stand-in: textured icosphere", _t2i,
                 params=(Param("prompt", str, ""), Param("method", str, "image", choices=("image", "sds")),
+                        Param("anchor", str, "front", choices=("front", "none")),
                         Param("dream_steps", int, 0, min=0)) + gen,
                 attachments=(AttachmentSpec("image", "image", False, "a chosen front view"),), check=_need_prompt),
         JobSpec("text_to_image", "stand-in: flat grey front views", _fronts,

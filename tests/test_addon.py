@@ -873,18 +873,28 @@ out["lift"] = dict(result=sorted(res), objects=[o.name for o in new], seed=new[0
                    front=info.get("front_view"), backend_front=(info.get("metadata") or {}).get("front_view"),
                    timings=sorted(((info.get("metadata") or {}).get("timings") or {})),
                    entry=dict(label=e.label, seed=e.seed, state=e.state, kind=e.kind))
-# score distillation: no front views to choose from, whatever Choose Front First says
-s.text_method = "SDS"
+# score distillation without its anchor: no front views to choose from, whatever Choose Front First says
+s.text_method = "SDS"; s.sds_anchor = False
 log = []  # (the first drawing stays in out["drawn"]; Rec writes to whatever list this name holds)
 mod.ui.GEN3D_PT_generate_text.draw(FakePanel(), bpy.context)
 out["drawn_sds"] = log[:]
+ops = mod.operators
+out["sds_params"] = dict(plain=ops.text_method_params(s), plain_chosen=ops.text_method_params(s, chosen=True))
+# anchored (the default): the fronts come back, and lifting one distils the text prior anchored on it
+s.sds_anchor = True
+log = []
+mod.ui.GEN3D_PT_generate_text.draw(FakePanel(), bpy.context)
+out["drawn_anchor"] = log[:]
+out["sds_params"]["anchored"] = ops.text_method_params(s)
 before = set(object_names())
-res = bpy.ops.gen3d.generate_from_text()
+res = bpy.ops.gen3d.use_front(index=0)
 new = [bpy.data.objects[n] for n in object_names() if n not in before and bpy.data.objects[n].type == "MESH"]
 info = json.loads(new[0].get("gen3d", "{}")) if new else {}
+meta = info.get("metadata") or {}
 e = mgr.history.entries()[0]
-out["sds"] = dict(result=sorted(res), objects=len(new), method=(info.get("metadata") or {}).get("method"),
-                  sent=e.params.get("method"), message=mgr.outcome.message)
+out["sds"] = dict(result=sorted(res), objects=len(new), method=meta.get("method"), anchor=meta.get("anchor"),
+                  front=meta.get("front_view"), prior=meta.get("prior"), sent=e.params.get("method"),
+                  sent_anchor=e.params.get("anchor"), message=mgr.outcome.message)
 emit(**out)
 '''
 
@@ -906,12 +916,21 @@ def test_text_to_3d_with_a_choice_of_front_views(blender, backend_server):
     assert lift["front"] == "chosen" and lift["backend_front"] == "chosen"  # the backend lifted the image it got
     assert stub or ("text_to_image" not in lift["timings"] and "novel_views" in lift["timings"]), lift["timings"]
     assert lift["entry"] == {"label": "a red chair", "seed": 21, "state": "done", "kind": "text_to_3d"}
-    # Method: Score Distillation sends method sds, and Choose Front First no longer applies
-    assert ["operator", "gen3d.generate_from_text", "Generate"] in d["drawn_sds"]
-    assert ["prop", "text_method"] in d["drawn_sds"]
+    # Method: Score Distillation without its anchor makes no front view: Choose Front First greys out
+    plain = d["drawn_sds"]
+    assert ["operator", "gen3d.generate_from_text", "Generate"] in plain and ["prop", "text_method"] in plain
+    assert ["prop", "sds_anchor"] in plain and ["set", "", "enabled", False] in plain
+    assert d["sds_params"]["plain"] == {"method": "sds", "anchor": "none"}
+    assert d["sds_params"]["plain_chosen"] == {"method": "sds", "anchor": "front"}  # a chosen front always anchors
+    # anchored, the fronts apply again, and the chosen one anchors the distillation
+    anchored = d["drawn_anchor"]
+    assert ["operator", "gen3d.generate_from_text", "Generate Fronts"] in anchored
+    assert ["set", "", "enabled", True] in anchored and d["sds_params"]["anchored"] == {"method": "sds", "anchor": "front"}
     sds = d["sds"]
-    assert sds["result"] == ["FINISHED"] and sds["objects"] == 1 and sds["sent"] == "sds", sds
-    assert stub or sds["method"] == "sds", sds
+    assert sds["result"] == ["FINISHED"] and sds["objects"] == 1, sds
+    assert sds["sent"] == "sds" and sds["sent_anchor"] == "front", sds
+    assert stub or (sds["method"] == "sds" and sds["anchor"] == "front" and sds["front"] == "chosen"
+                    and sds["prior"] == ["stable_diffusion", "zero123"]), sds
 
 
 # --------------------------------------------------------------------------- queue and history

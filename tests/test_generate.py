@@ -309,20 +309,23 @@ def test_generate_jobs_on_the_server(tmp_path, tiny_store):
             assert prim.texture is not None and quads["triangles"] == len(prim.indices) == meta["faces"] < 2000
             # quads: the triangles pair into the face budget's polygons, within 5 %
             assert abs(meta["polygons"] - 1000) <= 50 and meta["polygons"] == meta["faces"] - len(quads["pairs"])
-            # text-to-3D by score distillation from the text prior (no front image, no novel views)
+            # text-to-3D by score distillation from the text prior over random views, anchored (the default) on a
+            # front view made from the text, with Zero-1-to-3 on it (no novel views)
             events = []
             msg = c.run("text_to_3d", {"prompt": "a red mug", "method": "sds", "dream_steps": 10, **FAST},
                         on_progress=events.append)
             meta = msg.get("metadata")
-            assert meta["method"] == "sds" and meta["prior"] == ["stable_diffusion"] and meta["dream_steps"] == 10
-            assert meta["prior_views"] == {"stable_diffusion": 10} and "novel_views" not in meta["timings"]
-            assert "dream" in {e.get("stage") for e in events}
+            assert meta["method"] == "sds" and meta["anchor"] == "front" and meta["dream_steps"] == 10
+            assert meta["prior"] == ["stable_diffusion", "zero123"] and meta["prior_views"]["stable_diffusion"] == 10
+            assert 0 < meta["prior_views"]["zero123"] <= 10 and meta["elevation"]["given"] is False
+            assert "text_to_image" in meta["timings"] and "novel_views" not in meta["timings"]
+            assert {"text_to_image", "dream"} <= {e.get("stage") for e in events}
             prim = read_glb(msg.attachment("model.glb").data)[0]
             assert prim.texture is not None and 950 <= len(prim.indices) <= 1000
-            with pytest.raises(BackendError) as info:
-                c.run("text_to_3d", {"prompt": "a red mug", "method": "sds", **FAST},
+            with pytest.raises(BackendError) as info:  # unanchored, it has no use for a front view
+                c.run("text_to_3d", {"prompt": "a red mug", "method": "sds", "anchor": "none", **FAST},
                       [Attachment("image", "image/png", encode_png(img))])
-            assert info.value.code == P.ErrorCode.BAD_PARAMS and "method 'image'" in str(info.value)
+            assert info.value.code == P.ErrorCode.BAD_PARAMS and "anchor 'front'" in str(info.value)
             # bad input: no prompt, an image that is not one
             with pytest.raises(BackendError) as info:
                 c.run("text_to_3d", {"prompt": "  ", **FAST})

@@ -97,6 +97,12 @@ METHOD = (
     Param("dream_steps", int, 0, "method sds: score distillation steps (0: by quality and device)", min=0, max=100000),
     Param("sds_guidance", float, 100.0, "method sds: the text prior's classifier-free guidance (DreamFusion: 100)",
           min=1.0, max=500.0),
+    Param("anchor", str, "front", "method sds: front: a front view from the text (or the attached image) anchors "
+          "the distillation, fitted at its camera with the novel-view model on it beside the text prior "
+          "(Magic123-like: against objects with a second face on the back) | none: the text prior alone",
+          choices=("front", "none")),
+    Param("anchor_weight", float, 4.0, "method sds, anchor front: the novel-view model's weight beside the text "
+          "prior's, per unit of guidance scale", min=0.0, max=100.0),
 )
 
 
@@ -107,8 +113,10 @@ def _need_prompt(inputs: JobInputs) -> None:
 
 def _check_text(inputs: JobInputs) -> None:
     _need_prompt(inputs)
-    if inputs.params.get("method") == "sds" and "image" in inputs.attachments:
-        raise ValueError("method 'sds' makes no front view to lift: send the image with method 'image'")
+    p = inputs.params
+    if p.get("method") == "sds" and p.get("anchor") == "none" and "image" in inputs.attachments:
+        raise ValueError("method 'sds' with anchor 'none' uses no front view: send the image with anchor 'front', "
+                         "or with method 'image'")
 
 
 def _models(ctx: JobContext):
@@ -179,9 +187,26 @@ def _handle_text(inputs: JobInputs, ctx: JobContext) -> JobOutput:
 
 
 def _dream(inputs: JobInputs, ctx: JobContext, models) -> JobOutput:
-    """Method ``sds``: the text prior (view-dependent prompts) distilled into Gaussians, then the mesh stages."""
+    """Method ``sds``: the text prior (view-dependent prompts) distilled into Gaussians, anchored (by default) on a
+    front view, the attached one or one made from the text; then the mesh stages."""
     p = inputs.params
     s = settings_from_params(p, ctx.device)
+    s.dream.anchor_weight = p["anchor_weight"]
+    anchored = p["anchor"] == "front"
+    extra = {"prompt": p["prompt"], "models": models.describe(), "material": apply_material(s.reconstruct.bake, p)}
+    progress, front = ctx.progress, None
+    if anchored and "image" in inputs.attachments:
+        front = decode_image(inputs.attachments["image"], ctx.limits.max_image_pixels, "the chosen front view")
+        extra["front_view"] = "chosen"
+    elif anchored:
+        plan = ctx.progress.stages({"text_to_image": 10, "generate": 90})
+        t0 = time.perf_counter()
+        front = text_to_image(models.stable_diffusion(), p["prompt"], p["negative_prompt"],
+                              p["steps"] or QUALITY[p["quality"]]["steps"], p["guidance"], p["seed"],
+                              progress=plan["text_to_image"])
+        plan["text_to_image"].update(1.0, "front view", encode_png(front))
+        extra["text_to_image_seconds"] = time.perf_counter() - t0
+        progress = plan["generate"]
     size = 512 if _device_kind(ctx.device) == "cuda" else 128
     guidance = StableDiffusionGuidance(models.stable_diffusion(), p["prompt"], p["negative_prompt"], p["sds_guidance"],
                                        size=size)
@@ -189,9 +214,10 @@ def _dream(inputs: JobInputs, ctx: JobContext, models) -> JobOutput:
     if s.refine:
         from ..pipeline.refine import pipeline_refiner
 
-        refiner = pipeline_refiner(models, p["prompt"], p["negative_prompt"], s, ctx.device, reference=False)
-    result = text_to_3d_sds([guidance], s, ctx.device, ctx.progress, refiner)
-    extra = {"prompt": p["prompt"], "models": models.describe(), "material": apply_material(s.reconstruct.bake, p)}
+        refiner = pipeline_refiner(models, p["prompt"], p["negative_prompt"], s, ctx.device, reference=anchored)
+    generator = Zero123Views(models.zero123(), s.view_steps, s.view_guidance, s.seed) if anchored else None
+    result = text_to_3d_sds([guidance], s, ctx.device, progress, refiner, front,
+                            zero123_prior(models) if anchored else None, generator)
     return _finish(result, extra, p)
 
 

@@ -10,8 +10,9 @@
     centred at the origin, in the unit sphere, front facing -Y -> GLB
 
     prompt -> (text_to_3d_sds) Gaussians in a ball -> score distillation from the text
-    prior over random views -> their own renders on a fixed rig -> the same mesh, UV,
-    texture, refinement and normalisation stages
+    prior over random views (anchored: also a front view's photometric loss and Zero-1-to-3
+    on it) -> their own renders on a fixed rig -> the same mesh, UV, texture, refinement
+    and normalisation stages
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ..common.progress import NULL, Progress
 from ..gaussians.model import Gaussians
 from ..gaussians.train import train_gaussians
 from .distill import DistillSettings, distill_gaussians
-from .dream import DreamSettings, dream_gaussians, rig_renders
+from .dream import RIG_POSES, DreamSettings, dream_gaussians, rig_renders
 from .elevation import estimate_elevation
 from .novel_views import (FOV_DEG, RADIUS, NovelViewGenerator, absolute_pose, contact_sheet, plan_views, prepare_reference,
                           view_weights)
@@ -130,6 +131,32 @@ def normalize_mesh(mesh: TexturedMesh) -> tuple[TexturedMesh, dict]:
     return mesh.copy(vertices=(mesh.vertices - center) * scale), {"center": center.tolist(), "scale": scale}
 
 
+def _framed_reference(image: np.ndarray, s: GenerateSettings, generator: NovelViewGenerator | None, plan: dict,
+                      timings: dict) -> tuple:
+    """Segment and frame the reference; estimate its elevation when ``s.reference_elevation`` is
+    None (Auto) and a generator can make probe views (without one, Auto means 0). Sets
+    ``s.reference_elevation`` (the refiner reads it there). Returns (matte, framed reference,
+    framing, elevation report)."""
+    t = time.perf_counter()
+    matte = foreground(image, s.segmenter)
+    reference, framing = prepare_reference(matte.rgba)
+    plan["segment"].update(1.0, f"foreground by {matte.method}, {matte.coverage:.0%} of the image", encode_png(reference))
+    timings["segment"] = time.perf_counter() - t
+    report = {"value": s.reference_elevation, "given": True}
+    if s.reference_elevation is None and generator is None:
+        s.reference_elevation = 0.0
+        report = {"value": 0.0, "given": False, "used": False, "method": "default (no generator to estimate it)"}
+    elif s.reference_elevation is None:  # estimated: the elevation under which the model's probe views agree
+        t = time.perf_counter()
+        est = estimate_elevation(reference, generator, plan["elevation"])
+        s.reference_elevation = est.value
+        report = {**est.to_dict(), "given": False}
+        plan["elevation"].update(1.0, f"elevation {est.value:.1f} deg" + ("" if est.used else
+                                 f" (estimate {est.degrees:.1f} deg not confident: {est.confidence:.2f})"))
+        timings["elevation"] = time.perf_counter() - t
+    return matte, reference, framing, report
+
+
 def image_to_3d(image: np.ndarray, generator: NovelViewGenerator, settings: GenerateSettings | None = None,
                 device: str = "cpu", progress: Progress = NULL, refiner: Callable | None = None,
                 prior: PriorFactory | None = None) -> GenerateResult:
@@ -141,22 +168,7 @@ def image_to_3d(image: np.ndarray, generator: NovelViewGenerator, settings: Gene
     plan = progress.stages({"segment": 1, "elevation": 3 if s.reference_elevation is None else 0.001, "novel_views": 20, "gaussians": 35, "distill": 30 if distilling else 0.001,
                             "surface": 15, "refine": 15 if (s.refine and refiner) else 0.001, "export": 1})
     timings: dict[str, float] = {}
-    t = time.perf_counter()
-    p = plan["segment"]
-    matte = foreground(image, s.segmenter)
-    reference, framing = prepare_reference(matte.rgba)
-    p.update(1.0, f"foreground by {matte.method}, {matte.coverage:.0%} of the image", encode_png(reference))
-    timings["segment"] = time.perf_counter() - t
-
-    elevation_report = {"value": s.reference_elevation, "given": True}
-    if s.reference_elevation is None:  # estimated: the elevation under which the model's probe views agree
-        t = time.perf_counter()
-        est = estimate_elevation(reference, generator, plan["elevation"])
-        s.reference_elevation = est.value  # (the refiner reads it from the settings too)
-        elevation_report = {**est.to_dict(), "given": False}
-        plan["elevation"].update(1.0, f"elevation {est.value:.1f} deg" + ("" if est.used else
-                                 f" (estimate {est.degrees:.1f} deg not confident: {est.confidence:.2f})"))
-        timings["elevation"] = time.perf_counter() - t
+    matte, reference, framing, elevation_report = _framed_reference(image, s, generator, plan, timings)
     t = time.perf_counter()
     poses = plan_views(s.views, s.reference_elevation)
     novel = generator(reference, s.reference_elevation, poses, plan["novel_views"])
@@ -214,20 +226,45 @@ def image_to_3d(image: np.ndarray, generator: NovelViewGenerator, settings: Gene
 
 
 def text_to_3d_sds(guidances: Sequence[Guidance], settings: GenerateSettings | None = None, device: str = "cpu",
-                   progress: Progress = NULL, refiner: Callable | None = None) -> GenerateResult:
+                   progress: Progress = NULL, refiner: Callable | None = None, front: np.ndarray | None = None,
+                   front_prior: PriorFactory | None = None, generator: NovelViewGenerator | None = None) -> GenerateResult:
     """DreamFusion's text-to-3D on Gaussians (:mod:`backend.pipeline.dream`): score distillation
     from ``guidances`` (the text prior with view-dependent prompts, or an oracle) from a ball, then
     the mesh stages on the Gaussians' own renders from a fixed rig, whose front view stands for
-    the reference (the result's ``reference``; ``views``: the rest)."""
+    the reference (the result's ``reference``; ``views``: the rest).
+
+    Anchored (Magic123-like) when ``front`` is given: a front view of the object (RGB or RGBA;
+    segmented and framed as image-to-3D's reference, its elevation estimated with ``generator``
+    when the settings say Auto) is fitted at its camera every step, ``front_prior`` adds the
+    guidances conditioned on it (Zero-1-to-3), their weights times ``dream.anchor_weight`` per unit
+    of classifier-free guidance (times the text prior's scale over theirs: Magic123's 1 : 40 at
+    scales 100 : 5 is ``anchor_weight`` 2), and it becomes the reference: baked in place on the
+    front and handed to the refiner first."""
     s = settings or GenerateSettings()
-    plan = progress.stages({"dream": 75, "surface": 15, "refine": 10 if (s.refine and refiner) else 0.001, "export": 1})
+    anchored = front is not None
+    plan = progress.stages({"segment": 1 if anchored else 0.001,
+                            "elevation": 3 if anchored and s.reference_elevation is None and generator else 0.001,
+                            "dream": 75, "surface": 15, "refine": 10 if (s.refine and refiner) else 0.001, "export": 1})
     timings: dict[str, float] = {}
-    t = time.perf_counter()
     ds = s.dream
     ds.seed = s.seed
-    d = dream_gaussians(guidances, ds, device, plan["dream"])
+    guidances = list(guidances)
+    reference, anchor_stats, poses = None, {}, RIG_POSES
+    if anchored:
+        matte, reference, framing, elevation = _framed_reference(front, s, generator, plan, timings)
+        anchors = list(front_prior(reference, s.reference_elevation)) if front_prior is not None else []
+        text_scale = max([g.guidance_scale for g in guidances] or [1.0])
+        for a in anchors:  # per unit of classifier-free guidance: an SDS gradient grows about with its scale
+            a.weight = a.weight * ds.anchor_weight * text_scale / max(a.guidance_scale, 1e-6)
+        guidances += anchors
+        poses = ((float(s.reference_elevation), 0.0),) + RIG_POSES[1:]
+        anchor_stats = {"anchor": "front", "anchor_prior": [a.name for a in anchors], "segmentation": matte.method,
+                        "reference_coverage": matte.coverage, "reframed": framing["reframed"], "elevation": elevation}
+    t = time.perf_counter()
+    d = dream_gaussians(guidances, ds, device, plan["dream"], reference=reference,
+                        reference_elevation=float(s.reference_elevation or 0.0))
     g = d.gaussians.to("cpu")
-    views = rig_renders(g, s.resolution)
+    views = rig_renders(g, s.resolution, poses)
     plan["dream"].update(1.0, f"{ds.steps} steps", contact_sheet(views.images, cols=6, size=96))
     timings["dream"] = time.perf_counter() - t
     coverage = float((views.images[0, ..., 3] > 0.5).mean())
@@ -239,20 +276,26 @@ def text_to_3d_sds(guidances: Sequence[Guidance], settings: GenerateSettings | N
     rs.mesh.depth_votes = max(rs.mesh.depth_votes, 4)  # as for distilled image-to-3D Gaussians: gaps in the shell
     rs.mesh.close_voxels = max(rs.mesh.close_voxels, 2)
     t = time.perf_counter()
-    rec = gaussians_to_textured_mesh(g, views, rs, device, plan["surface"])
+    rec = gaussians_to_textured_mesh(g, views, rs, device, plan["surface"], photos={0: reference} if anchored else None)
     timings["surface"] = time.perf_counter() - t
     timings.update({f"surface.{k}": v for k, v in rec.timings.items()})
     mesh = rec.mesh
     if s.refine and refiner is not None:
         t = time.perf_counter()
-        mesh = refiner(mesh, views, plan["refine"])
+        ref_views = views
+        if anchored:  # the front view at full size first, as image-to-3D hands its reference
+            ref_views = PosedViews(reference[None], views.c2w[:1],
+                                   [cam.Intrinsics.from_fov(math.radians(FOV_DEG), reference.shape[1], reference.shape[0])],
+                                   ["reference"], np.ones(1))
+        mesh = refiner(mesh, ref_views, plan["refine"])
         timings["refine"] = time.perf_counter() - t
     mesh, norm = normalize_mesh(mesh)
     plan["export"].update(1.0)
     stats = {**rec.stats, "method": "sds", "dream_steps": ds.steps, "dream_gaussians": len(g),
              "prior": [x.name for x in guidances], "prior_views": d.report.prior_views, "front_coverage": coverage,
+             "anchor": "none", **anchor_stats,
              "views": len(views), "front": [0.0, -1.0, 0.0], "up": [0.0, 0.0, 1.0], "radius": 1.0}
-    return GenerateResult(mesh, views.images[0], views.images[1:], norm, timings, stats,
+    return GenerateResult(mesh, reference if anchored else views.images[0], views.images[1:], norm, timings, stats,
                           g.moved(norm["center"], norm["scale"]).to("cpu"))
 
 
