@@ -125,6 +125,44 @@ def test_both_priors_on_the_tiny_preset(tiny_models, update):
     assert out.texture.min() >= 0 and out.texture.max() <= 1
 
 
+def test_half_precision_priors_give_float_gradients(monkeypatch):
+    """On CUDA the models run in float16 while renders and Gaussians stay float32: the prior's loss
+    must hand back a float32 gradient. The first GPU run (H200, torch 2.11) failed here in
+    distillation and text-to-3D alike: mse_loss between a float16 latent and a float32 target
+    raises "Found dtype Float but expected Half" in its CUDA backward, where the CPU kernel
+    accepts the mix. So this test holds mse_loss to one dtype, as CUDA does, and the tiny preset
+    in float16 on the CPU stands in for the GPU's models."""
+    from backend.models.store import ModelStore
+    from backend.pipeline.sds import View, guidance_loss
+
+    mse = torch.nn.functional.mse_loss
+
+    def cuda_like_mse(a, b, *args, **kw):
+        assert a.dtype == b.dtype, f"mse_loss of {a.dtype} against {b.dtype}: CUDA's backward refuses it"
+        return mse(a, b, *args, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "mse_loss", cuda_like_mse)
+
+    store = ModelStore("tiny", "cpu")
+    store.fp16, store.dtype = True, torch.float16  # as on CUDA
+    ref = np.ones((256, 256, 3), np.float32)
+    ref[64:192, 64:192] = [0.8, 0.2, 0.1]
+    priors = [StableDiffusionGuidance(store.stable_diffusion(), "a chair", "", 100.0, size=64),
+              Zero123Guidance(store.zero123(), ref, 0.0, 4.0)]
+    assert all(g.encode(torch.rand(1, 3, 64, 64)).dtype == torch.float16 for g in priors)
+    k = cam.Intrinsics.from_fov(math.radians(49.1), 64, 64)
+    views = [View(cam.spherical_to_c2w(el, az, 2.0), k, el, az, 2.0) for el, az in ((10.0, 60.0), (20.0, 200.0))]
+    for g in priors:
+        for update in ("sds", "csd", "sdedit"):
+            imgs = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+            loss = guidance_loss(g, imgs, views, 0.5, RefineSettings(update=update, sdedit_steps=2),
+                                 torch.Generator().manual_seed(1))
+            loss.backward()
+            assert loss.dtype == torch.float32 and torch.isfinite(loss), (g.name, update)
+            assert imgs.grad.dtype == torch.float32 and torch.isfinite(imgs.grad).all(), (g.name, update)
+            assert imgs.grad.abs().max() > 0, (g.name, update)
+
+
 # -- the job and the CLI -----------------------------------------------------------------
 
 

@@ -455,7 +455,7 @@ def sdedit_images(g: Guidance, imgs: torch.Tensor, views: Sequence[View], t_frac
     ac = g.alphas_cumprod
     b = imgs.shape[0]
     t0 = int(min(max(t_frac, 0.0), 1.0) * (len(ac) - 1))
-    x0 = g.encode(imgs)
+    x0 = g.encode(imgs).float()  # the schedule's arithmetic in float32 (eps casts to the model's dtype)
     noise = torch.randn(x0.shape, generator=gen).to(x0)
     ab = ac.to(x0)[t0]
     x = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
@@ -513,7 +513,10 @@ def guidance_loss(g: Guidance, imgs: torch.Tensor, views: Sequence[View], frac: 
         if align is not None:
             target = align(target, imgs.detach())
         return F.mse_loss(imgs, target)
-    x0 = g.encode(imgs)
+    # the latent in float32 whatever the model's dtype: on CUDA the models run in float16, and mse_loss of a
+    # float16 latent against a float32 target fails in its CUDA backward ("Found dtype Float but expected
+    # Half"; the CPU kernel accepts the mix). The cast's own backward hands the encoder a float16 gradient.
+    x0 = g.encode(imgs).float()
     lo, hi = s.t_range
     hi_now = hi - (hi - s.t_final_max) * frac
     t = torch.randint(int(lo * (n_t - 1)), int(max(lo, hi_now) * (n_t - 1)) + 1, (b,), generator=gen)
