@@ -1,6 +1,7 @@
 """Per-stage timings of text-to-3D and image-to-3D with full-size architectures.
 
     python bench/generate.py [--quality standard] [--device cuda] [--quick] [--keep DIR] [--tiny]
+                             [--only image_to_3d text_to_3d text_to_3d_sds] [--sds] [--build-only]
 
 Speed is a property of the architecture, not of the weights: this builds
 random-weight models with the real configurations (Stable Diffusion 1.5:
@@ -12,7 +13,11 @@ seconds, the totals and the peak GPU memory. The pictures are noise; the
 timings are the real ones. Absolute times mean something on the GPU machine;
 ``--quick`` (1-2 steps everywhere) only proves it runs on a CPU. Each job also prints its
 atlas use and seam pixels (the seam test on the returned GLB's UVs); ``--tiny`` runs the tiny
-preset's replicas instead, for those figures at the settings CI uses.
+preset's replicas instead, for those figures at the settings CI uses. ``--sds`` adds a row for
+``text_to_3d`` method ``sds`` (score distillation from the text prior, anchored on a front view
+with Zero-1-to-3 beside it, the job's default anchor). Each row is printed as JSON as soon as it
+ends, so a run cut short keeps what it finished. ``--build-only --keep DIR`` only writes the
+full-size models (to build them while something else runs).
 """
 
 from __future__ import annotations
@@ -142,6 +147,7 @@ def run(kind: str, store: ModelStore, device: str, params: dict) -> dict:
         img[48:208, 64:192] = [0.8, 0.3, 0.2, 1.0]
         atts = [Attachment("image", "image/png", encode_png(img))]
     inputs = spec.validate(params, atts, Limits())
+    label = kind + ("_sds" if params.get("method") == "sds" else "")
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -150,10 +156,13 @@ def run(kind: str, store: ModelStore, device: str, params: dict) -> dict:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     total = time.perf_counter() - t0
-    res = {"kind": kind, "total": total, "stages": out.metadata["timings"], "renderer": out.metadata.get("renderer"),
+    res = {"kind": label, "total": total, "stages": out.metadata["timings"], "renderer": out.metadata.get("renderer"),
            "atlas_use": out.metadata.get("atlas_use"), "seam_pixels": _seam_pixels(out)}
     if device.startswith("cuda"):
         res["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    meta = out.metadata
+    res.update({k: meta[k] for k in ("dream_steps", "dream_gaussians", "prior", "faces", "elevation") if k in meta})
+    print(json.dumps(res, default=str), flush=True)
     return res
 
 
@@ -166,7 +175,10 @@ def main() -> None:
     ap.add_argument("--keep", default=None, help="build the full-size models here (reused next time)")
     ap.add_argument("--offload-refinement", action="store_true",
                     help="with --low-vram: keep CPU offload during refinement too (to measure what it costs)")
-    ap.add_argument("--only", choices=("image_to_3d", "text_to_3d"), default=None)
+    ap.add_argument("--only", nargs="+", choices=("image_to_3d", "text_to_3d", "text_to_3d_sds"), default=None,
+                    help="these rows, in this order (default: image_to_3d text_to_3d, and text_to_3d_sds with --sds)")
+    ap.add_argument("--sds", action="store_true", help="also text_to_3d by score distillation (method sds)")
+    ap.add_argument("--build-only", action="store_true", help="only build the full-size models (with --keep)")
     ap.add_argument("--tiny", action="store_true", help="the tiny preset's random replicas instead of full-size models")
     args = ap.parse_args()
     device = dev.pick_device(args.device)
@@ -181,6 +193,8 @@ def main() -> None:
             z = (root / "zero123xl" if (root / "zero123xl" / "model_index.json").exists()
                  else build_full_zero123(root / "zero123xl"))
             print(f"full-size random models ready in {time.perf_counter() - t0:.1f} s", flush=True)
+            if args.build_only:
+                return
             store = ModelStore("default", device, args.low_vram, text_to_image=str(sd), novel_view=str(z))
         t0 = time.perf_counter()
         store.stable_diffusion()
@@ -195,10 +209,15 @@ def main() -> None:
 
             store.resident_for_refinement = functools.partial(store.resident_for_refinement, margin_bytes=1 << 50)
         rows = []
-        if args.only in (None, "image_to_3d"):
-            rows.append(run("image_to_3d", store, device, dict(params)))
-        if args.only in (None, "text_to_3d"):
-            rows.append(run("text_to_3d", store, device, text_params))
+        kinds = args.only or ["image_to_3d", "text_to_3d"] + (["text_to_3d_sds"] if args.sds else [])
+        for kind in kinds:
+            if kind == "image_to_3d":
+                rows.append(run("image_to_3d", store, device, dict(params)))
+            elif kind == "text_to_3d":
+                rows.append(run("text_to_3d", store, device, text_params))
+            else:
+                rows.append(run("text_to_3d", store, device, dict(text_params, method="sds",
+                                                                  **({"dream_steps": 2} if args.quick else {}))))
     info = dev.device_info(device)
     print(f"\n{info.get('gpu_name') or str(info['cpu_count']) + ' CPU cores'}, quality {args.quality}{' (quick)' if args.quick else ''}")
     for r in rows:
