@@ -8,7 +8,13 @@
 # wheels, gsplat's compiled kernels, the full-size models). That machine has Python 3.12 and a CUDA
 # torch but none of diffusers, gsplat, xatlas, trimesh, pyzmq or pymeshlab, and no network: carry
 # them as wheels in .whl/ (pymeshlab's 100 MB wheel is over the carry limit; bench/generate.py then
-# decimates with fast_simplification and says so). Logs go to $OUT:
+# decimates with fast_simplification and says so). Here, once (.whl/ is ignored through .git/info/exclude):
+#   echo /.whl/ >> .git/info/exclude
+#   for p in diffusers gsplat==1.5.3 xatlas trimesh pyzmq fast_simplification importlib_metadata; do
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 -d .whl $p; done
+# and name .whl in the run's carry. Seen on an H200 (2026-12): gsplat's build 70-81 s, the models 45 s, the
+# renderer checks 16 s. Logs go to $OUT:
 #   env.log       GPU, driver, library versions
 #   gsplat.log    gsplat's JIT build of its CUDA kernels (sm_90 only), and how long it took
 #   models.log    the full-size random-weight models built (bench/generate.py --build-only)
