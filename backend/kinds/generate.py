@@ -167,23 +167,31 @@ def zero123_prior(models, guidance_scale: float = 5.0):
     return build
 
 
+def _front_view(inputs: JobInputs, ctx: JobContext, models) -> tuple[np.ndarray, dict, Progress]:
+    """The text job's front view: the attached one (a candidate chosen from text_to_image's), or one
+    made from the prompt (progress stage ``text_to_image``). Returns (image, metadata, the progress
+    left for the rest of the job)."""
+    p = inputs.params
+    extra = {"prompt": p["prompt"], "models": models.describe()}
+    if "image" in inputs.attachments:
+        image = decode_image(inputs.attachments["image"], ctx.limits.max_image_pixels, "the chosen front view")
+        return image, dict(extra, front_view="chosen"), ctx.progress
+    plan = ctx.progress.stages({"text_to_image": 10, "generate": 90})
+    t0 = time.perf_counter()
+    image = text_to_image(models.stable_diffusion(), p["prompt"], p["negative_prompt"],
+                          p["steps"] or QUALITY[p["quality"]]["steps"], p["guidance"], p["seed"],
+                          progress=plan["text_to_image"])
+    plan["text_to_image"].update(1.0, "front view", encode_png(image))
+    return image, dict(extra, text_to_image_seconds=time.perf_counter() - t0), plan["generate"]
+
+
 def _handle_text(inputs: JobInputs, ctx: JobContext) -> JobOutput:
     p = inputs.params
     models = _models(ctx)
     if p.get("method") == "sds":
         return _dream(inputs, ctx, models)
-    if "image" in inputs.attachments:  # a front view chosen from text_to_image's candidates: lift it
-        image = decode_image(inputs.attachments["image"], ctx.limits.max_image_pixels, "the chosen front view")
-        extra = {"prompt": p["prompt"], "models": models.describe(), "front_view": "chosen"}
-        return _generate(inputs, ctx, image, p["prompt"], extra, ctx.progress)
-    q = QUALITY[p["quality"]]
-    plan = ctx.progress.stages({"text_to_image": 10, "generate": 90})
-    t0 = time.perf_counter()
-    image = text_to_image(models.stable_diffusion(), p["prompt"], p["negative_prompt"], p["steps"] or q["steps"],
-                          p["guidance"], p["seed"], progress=plan["text_to_image"])
-    plan["text_to_image"].update(1.0, "front view", encode_png(image))
-    extra = {"prompt": p["prompt"], "models": models.describe(), "text_to_image_seconds": time.perf_counter() - t0}
-    return _generate(inputs, ctx, image, p["prompt"], extra, plan["generate"])
+    image, extra, progress = _front_view(inputs, ctx, models)  # then lifted to 3D
+    return _generate(inputs, ctx, image, p["prompt"], extra, progress)
 
 
 def _dream(inputs: JobInputs, ctx: JobContext, models) -> JobOutput:
@@ -193,20 +201,11 @@ def _dream(inputs: JobInputs, ctx: JobContext, models) -> JobOutput:
     s = settings_from_params(p, ctx.device)
     s.dream.anchor_weight = p["anchor_weight"]
     anchored = p["anchor"] == "front"
-    extra = {"prompt": p["prompt"], "models": models.describe(), "material": apply_material(s.reconstruct.bake, p)}
-    progress, front = ctx.progress, None
-    if anchored and "image" in inputs.attachments:
-        front = decode_image(inputs.attachments["image"], ctx.limits.max_image_pixels, "the chosen front view")
-        extra["front_view"] = "chosen"
-    elif anchored:
-        plan = ctx.progress.stages({"text_to_image": 10, "generate": 90})
-        t0 = time.perf_counter()
-        front = text_to_image(models.stable_diffusion(), p["prompt"], p["negative_prompt"],
-                              p["steps"] or QUALITY[p["quality"]]["steps"], p["guidance"], p["seed"],
-                              progress=plan["text_to_image"])
-        plan["text_to_image"].update(1.0, "front view", encode_png(front))
-        extra["text_to_image_seconds"] = time.perf_counter() - t0
-        progress = plan["generate"]
+    if anchored:
+        front, extra, progress = _front_view(inputs, ctx, models)
+    else:
+        front, extra, progress = None, {"prompt": p["prompt"], "models": models.describe()}, ctx.progress
+    extra["material"] = apply_material(s.reconstruct.bake, p)
     size = 512 if _device_kind(ctx.device) == "cuda" else 128
     guidance = StableDiffusionGuidance(models.stable_diffusion(), p["prompt"], p["negative_prompt"], p["sds_guidance"],
                                        size=size)

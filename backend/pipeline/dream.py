@@ -75,10 +75,11 @@ class DreamSettings:
     # weight beside the text prior's per unit of guidance scale (text_to_3d_sds applies it to the anchor
     # guidances). Measured with back views told "front" and an image prior with Zero-1-to-3-like faults,
     # held-out PSNR. The image prior's weight, test box: none 14.06, 1 15.71, 2 16.46, 4 17.15, 8 17.45 (the
-    # true prior 17.75); suzanne / mug at standard: 1 12.15 / 12.16, 2 13.04 / 12.76, 4 13.30 / 13.24 (told
-    # front 9.65 / 9.41). The photo's weight, suzanne / mug (held-out, front view): 0 14.66, 16.79 / 13.12,
-    # 13.25; 0.1 14.81, 17.77 / 13.80, 15.93; 0.3 14.43, 17.35 / 13.76, 16.86; 1 13.30, 16.72 / 13.24, 16.50. A
-    # strong photo term fits the front at the expense of the rest (Adam follows its steady gradient)
+    # true prior 17.75); suzanne / mug at standard with the photo's weight at 1: 1 12.15 / 12.16, 2 13.04 /
+    # 12.76, 4 13.30 / 13.24 (told front 9.65 / 9.41). The photo's weight with the image prior's at 4,
+    # suzanne / mug (held-out, front view): 0 14.66, 16.79 / 13.12, 13.25; 0.1 14.81, 17.77 / 13.80, 15.93;
+    # 0.3 14.43, 17.35 / 13.76, 16.86; 1 13.30, 16.72 / 13.24, 16.50. A strong photo term fits the front at
+    # the expense of the rest (Adam follows its steady gradient)
     reference_weight: float = 0.1
     ssim_weight: float = 0.2
     mask_weight: float = 1.0
