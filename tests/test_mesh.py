@@ -221,6 +221,40 @@ def test_bake_from_blender_views_reproduces_the_texture(cube):
     assert np.mean(ps) > 21.0 and np.mean(ps) > np.mean(pf) + 4.0, (ps, pf)
 
 
+def test_a_priority_photo_keeps_its_pixels_where_it_sees_squarely(cube):
+    """The user's photo among blurred renders: baked as one heavy vote it comes back half
+    blurred; with priority the side it shows is its own pixels, the rest the renders'."""
+    from scipy.ndimage import gaussian_filter
+
+    gt = np.load(cube / "gt_mesh.npz")
+    v, f = gt["vertices"], gt["faces"]
+    train = load_transforms(cube / "transforms_train.json")
+    vm, uf, uv = unwrap(v, f, 256)
+    n = vertex_normals(v[vm], uf)
+
+    def blurred(img):  # the Gaussians' renders: soft, but the right silhouette
+        rgb = np.stack([gaussian_filter(img[..., c], 2.5) for c in range(3)], -1)
+        return np.concatenate([rgb, img[..., 3:]], -1).astype(np.float32)
+
+    photo = train.images[0]
+    renders = [BakeView(train.c2w[i], train.intrinsics[i], blurred(train.images[i])) for i in range(len(train))]
+    s = BakeSettings(texture_size=256)
+
+    def at_photo(photo_view):
+        tex, _ = bake_texture(v[vm], uf, uv, n, [photo_view] + renders[1:], s)
+        mesh = TexturedMesh(v[vm], uf, uv, tex)
+        far = int(np.argmax([np.linalg.norm(train.c2w[i][:3, 3] - train.c2w[0][:3, 3]) for i in range(len(train))]))
+        return [psnr_union(render_mesh_rgba(mesh, train.c2w[i], train.intrinsics[i], 4), train.images[i]) for i in (0, far)]
+
+    heavy = at_photo(BakeView(train.c2w[0], train.intrinsics[0], photo, 4.0))
+    first = at_photo(BakeView(train.c2w[0], train.intrinsics[0], photo, priority=True))
+    blur = at_photo(renders[0])
+    # the photo's own view: far closer to the photo than a heavy vote gets
+    assert first[0] > heavy[0] + 2.0 and first[0] > blur[0] + 4.0, (first, heavy, blur)
+    # the far side, which the photo does not see, is the renders' as before
+    assert abs(first[1] - heavy[1]) < 0.5, (first, heavy)
+
+
 def test_clean_removes_floaters_closes_holes_and_meets_the_budget():
     v, f = icosphere(4, 0.5)
     f = f[~(v[f][:, :, 2].min(1) > 0.48)]  # cut a small hole at the top

@@ -5,6 +5,11 @@ Each texel inside a UV chart gets its surface point and normal. Every view
 the texels it sees: visible (depth test against the mesh rendered from that
 view), inside the view's alpha, facing the camera; the vote's weight is
 ``cos(angle)^power``, so frontal views dominate and grazing ones fade out.
+A *priority* view (the user's photograph) is not one vote among many: where it
+sees a texel squarely (``cos`` at or above ``priority_cos[1]``) its colour is
+the texel's, and toward grazing (down to ``priority_cos[0]``) it hands over
+smoothly to the other views' blend. Averaged with the renders, a photograph
+would come back half as blurred as they are.
 Texels no view sees, and the gutters between charts, are filled from the
 nearest coloured texel (seam padding), so bilinear filtering and mipmaps
 never bleed background into the model.
@@ -28,7 +33,8 @@ class BakeView:
     c2w: np.ndarray  # [4,4] Blender convention
     intr: cam.Intrinsics
     rgba: np.ndarray  # [H,W,4] straight alpha
-    weight: float = 1.0  # its votes count this many times (a photo over renders)
+    weight: float = 1.0  # its votes count this many times
+    priority: bool = False  # a photo: it colours what it sees squarely, the others only the rest (BakeSettings.priority_cos)
 
 
 @dataclass
@@ -38,6 +44,8 @@ class BakeSettings:
     min_cos: float = 0.05
     alpha_threshold: float = 0.5
     depth_tolerance: float = 0.01  # as a fraction of the mesh's bounding diagonal
+    # a priority view's share of a texel: 0 at or below the first cosine, 1 at or above the second, smooth between
+    priority_cos: tuple = (0.3, 0.6)
     normal_map: bool = True  # also bake a tangent-space normal map from the surface before decimation
     metallic: float = 0.0  # the material's constant factors (glTF metallic-roughness)
     roughness: float = 0.8
@@ -102,6 +110,10 @@ def bake_texture(vertices: np.ndarray, faces: np.ndarray, uv: np.ndarray, normal
     nrm = nrm / nrm.norm(dim=1, keepdim=True).clamp_min(1e-12)
     acc = torch.zeros(len(idx), 3)
     wsum = torch.zeros(len(idx))
+    pacc = torch.zeros(len(idx), 3)  # the priority views' blend, and their share of each texel
+    pwsum = torch.zeros(len(idx))
+    share = torch.zeros(len(idx))
+    lo, hi = s.priority_cos
     diag = float(np.linalg.norm(np.ptp(vertices, axis=0)))
     tol = s.depth_tolerance * diag
     for i, view in enumerate(views):
@@ -123,15 +135,25 @@ def bake_texture(vertices: np.ndarray, faces: np.ndarray, uv: np.ndarray, normal
         to_cam = cam_pos - pos
         cos = (nrm * to_cam).sum(1) / to_cam.norm(dim=1).clamp_min(1e-12)
         sample = _bilinear(img, xy)
-        w = torch.where(visible & (cos > s.min_cos) & (sample[:, 3] > s.alpha_threshold),
-                        view.weight * cos.clamp_min(0) ** s.cos_power, torch.zeros_like(cos))
-        acc += w[:, None] * sample[:, :3]
-        wsum += w
+        seen = visible & (cos > s.min_cos) & (sample[:, 3] > s.alpha_threshold)
+        w = torch.where(seen, view.weight * cos.clamp_min(0) ** s.cos_power, torch.zeros_like(cos))
+        if view.priority:
+            pacc += w[:, None] * sample[:, :3]
+            pwsum += w
+            x = ((cos - lo) / max(hi - lo, 1e-6)).clamp(0, 1)
+            share = torch.maximum(share, torch.where(seen, x * x * (3 - 2 * x), torch.zeros_like(x)))
+        else:
+            acc += w[:, None] * sample[:, :3]
+            wsum += w
     progress.update(1.0, "filling seams")
-    colored = wsum > 0
+    rest = acc / wsum.clamp_min(1e-12)[:, None]
+    photo = pacc / pwsum.clamp_min(1e-12)[:, None]
+    share = torch.where(wsum > 0, share, (pwsum > 0).float())  # only a photo saw it: the photo's colour
+    color = share[:, None] * photo + (1 - share[:, None]) * rest
+    colored = (wsum > 0) | (pwsum > 0)
     tex = np.zeros((S * S, 3), np.float32)
     got = np.zeros(S * S, bool)
-    tex[idx[colored].numpy()] = (acc[colored] / wsum[colored, None]).numpy()
+    tex[idx[colored].numpy()] = color[colored].numpy()
     got[idx[colored].numpy()] = True
     tex = tex.reshape(S, S, 3)
     got = got.reshape(S, S)

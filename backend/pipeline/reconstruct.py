@@ -133,13 +133,13 @@ def reconstruct(views: PosedViews, settings: ReconstructSettings | None = None, 
 
 
 def gaussians_to_textured_mesh(g: Gaussians, views: PosedViews, settings: ReconstructSettings | None = None,
-                               device: str = "cpu", progress: Progress = NULL, photos: dict | None = None,
-                               photo_weight: float = 4.0) -> ReconstructResult:
+                               device: str = "cpu", progress: Progress = NULL, photos: dict | None = None
+                               ) -> ReconstructResult:
     """Trained Gaussians -> clean mesh -> UVs -> texture baked from the Gaussians' renders.
     ``views`` (at the resolution the Gaussians were fitted to) bound the surface (visual
     hull) and calibrate its iso level. ``photos`` {view index: RGBA}: images baked in place
-    of the Gaussians' render at those views, ``photo_weight`` times as strong (the user's
-    reference: the side it shows keeps its pixels rather than the Gaussians' blur)."""
+    of the Gaussians' render at those views, with priority (:class:`BakeView`: the user's
+    reference colours the side it shows squarely with its own pixels, not the Gaussians' blur)."""
     s = settings or ReconstructSettings()
     timings: dict[str, float] = {}
     plan = progress.stages({"mesh": 8, "uv": 6, "texture": 16})
@@ -175,7 +175,7 @@ def gaussians_to_textured_mesh(g: Gaussians, views: PosedViews, settings: Recons
         k = bake_views[i].intr
         if img.shape[:2] != (k.height, k.width):
             img = resize_rgba(img, k.width, k.height)
-        bake_views[i] = BakeView(bake_views[i].c2w, k, np.asarray(img, np.float32), photo_weight)
+        bake_views[i] = BakeView(bake_views[i].c2w, k, np.asarray(img, np.float32), priority=True)
     tex, covered = bake_texture(uvv, uf, uv, uvn, bake_views, s.bake, plan["texture"])
     timings["texture"] = time.perf_counter() - t
     normal_map = None
