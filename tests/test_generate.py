@@ -154,12 +154,14 @@ def test_generation_is_deterministic(tiny_store):
 
 
 def test_view_plan():
-    poses = plan_views(12, reference_elevation=5.0)
-    assert len(poses) == 12
+    poses = plan_views(14, reference_elevation=5.0)
+    assert len(poses) == 14
     els = sorted({round(5.0 + p[0], 6) for p in poses})
     assert els == [-10.0, 20.0, 60.0]  # two rings and the top
     ring = [p for p in poses if round(5.0 + p[0]) != 60]
     assert len(ring) == 10
+    top = sorted(p[1] for p in poses if round(5.0 + p[0]) == 60)
+    assert len(top) == 4 and np.allclose(np.diff(top), 90.0)  # a third of the views, all around
     az = sorted(p[1] for p in ring)
     assert np.allclose(np.diff(az), 36.0) and 0 < az[0] < 36  # evenly around, the reference side included
     assert len(plan_views(4)) == 4 and all(5.0 + p[0] < 60 for p in plan_views(4, 5.0))  # few views: rings only

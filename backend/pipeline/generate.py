@@ -51,16 +51,17 @@ NEGATIVE_PROMPT = ("back view, side view, top view, cropped, out of frame, multi
 # 3-minute budget of the tiny preset on 2 cores (standard text-to-3D: 1:38 with 1000 Gaussian
 # iterations, 1:21 with 250; the 1000 pay on the image-to-3D bench: suzanne F 0.918 -> 0.960,
 # the cube's Chamfer 0.0207 -> 0.0114, held-out PSNR +0.8 to +3.7 dB); CUDA distillation follows DreamGaussian's stage 1
-# (500 Zero-1-to-3 steps at standard), not yet timed on a GPU. prior_views: random cameras the prior scores per
+# (500 Zero-1-to-3 steps at standard; image-to-3D 84 s on an H200 with 12 views, README). prior_views: random cameras the prior scores per
 # distillation step; two average out more of a sampled prior's pose error (degraded suzanne +1.1 dB, IoU
 # 0.919 -> 0.935, perfect views unchanged: 24.23 -> 24.37 dB) for 14 s more on the CPU at standard
-# (tiny text-to-3D measured alone in one session: 2:31 with one, 2:37 with two)
+# (tiny text-to-3D measured alone in one session: 2:31 with one, 2:37 with two). views: standard's 14 (12 before)
+# keep 10 on the rings beside the 4 from above that plan_views now makes
 QUALITY = {
     "draft": {"steps": 20, "views": 8, "view_steps": 30, "iterations": {"cpu": 150, "cuda": 1500}, "texture_size": 512,
               "max_gaussians": {"cpu": 6000, "cuda": 40000}, "distill_steps": {"cpu": 80, "cuda": 250}, "prior_views": 1,
               "view_updates": 0, "dream_steps": {"cpu": 150, "cuda": 400},
               "refine_steps": 20, "resolution": {"cpu": 96, "cuda": 256}},
-    "standard": {"steps": 30, "views": 12, "view_steps": 50, "iterations": {"cpu": 1000, "cuda": 2000}, "texture_size": 1024,
+    "standard": {"steps": 30, "views": 14, "view_steps": 50, "iterations": {"cpu": 1000, "cuda": 2000}, "texture_size": 1024,
                  "max_gaussians": {"cpu": 10000, "cuda": 60000}, "distill_steps": {"cpu": 150, "cuda": 500},
                  "prior_views": 2, "view_updates": 2, "dream_steps": {"cpu": 300, "cuda": 800}, "refine_steps": 40, "resolution": {"cpu": 128, "cuda": 256}},
     "high": {"steps": 50, "views": 16, "view_steps": 75, "iterations": {"cpu": 1500, "cuda": 4000}, "texture_size": 2048,
@@ -71,7 +72,7 @@ QUALITY = {
 
 @dataclass
 class GenerateSettings:
-    views: int = 12
+    views: int = 14
     view_steps: int = 50
     view_guidance: float = 3.0
     reference_elevation: float | None = 0.0  # None: estimated from probe views (backend.pipeline.elevation)
