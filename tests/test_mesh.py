@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import struct
 
 import numpy as np
@@ -467,5 +469,9 @@ def test_a_crashed_clean_up_subprocess_is_retried_once(monkeypatch):
     calls.clear()
     monkeypatch.setattr(clean.subprocess, "run", lambda *a, **k: types.SimpleNamespace(returncode=-11, stdout=b"",
                                                                                       stderr=b""))
-    with pytest.raises(RuntimeError, match=r"exit code -11, 2 attempt"):
+    with pytest.raises(RuntimeError, match=r"exit code -11, 2 attempt") as err:
         clean._clean_in_subprocess(np.asarray(box.vertices), np.asarray(box.faces), clean.CleanSettings())
+    kept = re.search(r"input kept in (\S+\.npz)", str(err.value)).group(1)  # the crash's input, to replay it
+    with np.load(kept) as data:
+        assert np.array_equal(data["faces"], np.asarray(box.faces))
+    os.unlink(kept)

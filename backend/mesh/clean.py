@@ -43,15 +43,24 @@ def _clean_in_subprocess(vertices, faces, s: CleanSettings):
     np.savez(buf, vertices=np.asarray(vertices, np.float64), faces=np.asarray(faces, np.int64),
              settings=np.array(list(asdict(s).values()), np.float64))
     for attempt in range(2):
-        proc = subprocess.run([sys.executable, "-m", "backend.mesh.clean"], input=buf.getvalue(), capture_output=True,
-                              timeout=1800)
-        # a native crash of MeshLab's filters (a signal, nothing on stderr) was seen once in four suite runs
-        # and not again on the same input: one retry; a Python error is not retried
-        if proc.returncode == 0 or (proc.returncode > 0 and proc.stderr.strip()):
+        # faulthandler: a native crash prints the Python line (the MeshLab filter) it happened in
+        proc = subprocess.run([sys.executable, "-X", "faulthandler", "-m", "backend.mesh.clean"], input=buf.getvalue(),
+                              capture_output=True, timeout=1800)
+        # a native crash of MeshLab's filters (a signal) was seen in one of four suite runs (stop 25) and in
+        # one of two (stop 30, both attempts): one retry; a Python error is not retried
+        if proc.returncode == 0 or proc.returncode > 0:
             break
     if proc.returncode != 0:
         why = proc.stderr.decode(errors="replace").strip()[-2000:] or "no message"
-        raise RuntimeError(f"mesh clean-up failed (exit code {proc.returncode}, {attempt + 1} attempt(s)): {why}")
+        kept = ""
+        if proc.returncode < 0:  # a crash: keep its input, so that it can be replayed
+            import tempfile
+
+            path = tempfile.NamedTemporaryFile(prefix="gen3d-clean-crash-", suffix=".npz", delete=False).name
+            with open(path, "wb") as fh:
+                fh.write(buf.getvalue())
+            kept = f" [input kept in {path}: python -X faulthandler -m backend.mesh.clean < it]"
+        raise RuntimeError(f"mesh clean-up failed (exit code {proc.returncode}, {attempt + 1} attempt(s)): {why}{kept}")
     out = np.load(io.BytesIO(proc.stdout))
     return out["vertices"], out["faces"], out["normals"]
 
