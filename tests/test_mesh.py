@@ -443,7 +443,7 @@ def test_uv_seams_counts_the_cut_edges_and_the_islands():
     assert [padding_for(n) for n in (256, 1024, 2048, 4096)] == [2, 2, 4, 8]
 
 
-def test_a_crashed_clean_up_subprocess_is_retried_once(monkeypatch):
+def test_a_crashed_clean_up_subprocess_is_retried_reordered_then_with_a_short_chain(monkeypatch, capfd):
     import subprocess
     import types
 
@@ -452,26 +452,40 @@ def test_a_crashed_clean_up_subprocess_is_retried_once(monkeypatch):
     real = subprocess.run
     calls = []
 
-    def flaky(*a, **k):
-        if "backend.mesh.clean" not in a[0]:
+    def flaky(crashes):
+        def run(*a, **k):
+            if "backend.mesh.clean" not in a[0]:
+                return real(*a, **k)
+            calls.append(a[0][-1])  # the attempt's variant
+            if len(calls) <= crashes:  # as a segfault in a native filter looks: a signal, empty stderr
+                return types.SimpleNamespace(returncode=-11, stdout=b"", stderr=b"Fatal Python error: Segmentation fault")
             return real(*a, **k)
-        calls.append(1)
-        if len(calls) == 1:  # as a segfault in a native filter looks: a signal, empty stderr
-            return types.SimpleNamespace(returncode=-11, stdout=b"", stderr=b"")
-        return real(*a, **k)
+        return run
 
     import trimesh
 
-    box = trimesh.creation.box()
-    monkeypatch.setattr(clean.subprocess, "run", flaky)
-    v, f, n = clean._clean_in_subprocess(np.asarray(box.vertices), np.asarray(box.faces), clean.CleanSettings())
-    assert len(calls) == 2 and len(f) > 0
+    sphere = trimesh.creation.icosphere(3)  # 1280 faces, decimated to 300 by every variant
+    v0, f0 = np.asarray(sphere.vertices), np.asarray(sphere.faces)
+    s = clean.CleanSettings(target_faces=300)
+    results = {}
+    for crashes in (0, 1, 2):
+        calls.clear()
+        monkeypatch.setattr(clean.subprocess, "run", flaky(crashes))
+        v, f, n = clean._clean_in_subprocess(v0, f0, s)
+        assert calls == ["0", "1", "2"][:crashes + 1]
+        topo = clean.mesh_topology(v, f)
+        # each variant gives a closed sphere within the budget, its normals outward
+        assert 0.9 * 300 <= len(f) <= 300 and topo["watertight"] and topo["genus"] == 0, (crashes, len(f), topo)
+        assert np.all(np.einsum("ij,ij->i", n, v - v.mean(0)) > 0)
+        assert abs(np.linalg.norm(v, axis=1).mean() - 1.0) < 0.02
+        results[crashes] = len(f)
+    assert "done on attempt 3 (short chain) after as asked: exit code -11; reordered: exit code -11" in capfd.readouterr().err
     calls.clear()
     monkeypatch.setattr(clean.subprocess, "run", lambda *a, **k: types.SimpleNamespace(returncode=-11, stdout=b"",
                                                                                       stderr=b""))
-    with pytest.raises(RuntimeError, match=r"exit code -11, 2 attempt") as err:
-        clean._clean_in_subprocess(np.asarray(box.vertices), np.asarray(box.faces), clean.CleanSettings())
+    with pytest.raises(RuntimeError, match=r"exit code -11, 3 attempt") as err:
+        clean._clean_in_subprocess(v0, f0, clean.CleanSettings())
     kept = re.search(r"input kept in (\S+\.npz)", str(err.value)).group(1)  # the crash's input, to replay it
     with np.load(kept) as data:
-        assert np.array_equal(data["faces"], np.asarray(box.faces))
+        assert np.array_equal(data["faces"], f0)
     os.unlink(kept)

@@ -5,7 +5,9 @@ process's main thread (glibc aborts with "malloc_consolidate(): unaligned
 fastbin chunk detected", reproducible with a single quadric decimation in a
 ``threading.Thread``). The server runs jobs on a worker thread, so there the
 clean-up runs in a short-lived subprocess (``python -m backend.mesh.clean``,
-arrays in and out as .npz); on the main thread it runs in-process.
+arrays in and out as .npz); on the main thread it runs in-process. A native crash
+of a filter there (a signal) is retried on the same mesh in another order, then
+with a short chain of filters (``ATTEMPTS``), before the job fails.
 """
 
 from __future__ import annotations
@@ -38,20 +40,29 @@ def clean_mesh(vertices: np.ndarray, faces: np.ndarray, settings: CleanSettings 
     return _clean_in_subprocess(vertices, faces, s)
 
 
+# what each attempt runs after a native crash of MeshLab's filters (a signal, seen in one of four suite runs at
+# stop 25 and in one of three at stop 30, there on both of two identical attempts: deterministic for an input):
+# 0 as asked; 1 the same mesh with its vertices and faces in another order (MeshLab's traversal order, and what
+# a bug that depends on it meets, changes); 2 a short chain (duplicates, non-manifold repair, decimation, no hole
+# closing, subdivision, smoothing or re-orientation), a worse mesh rather than a failed job
+ATTEMPTS = ("as asked", "reordered", "short chain")
+
+
 def _clean_in_subprocess(vertices, faces, s: CleanSettings):
     buf = io.BytesIO()
     np.savez(buf, vertices=np.asarray(vertices, np.float64), faces=np.asarray(faces, np.int64),
              settings=np.array(list(asdict(s).values()), np.float64))
-    for attempt in range(2):
+    crashes = []
+    for attempt in range(len(ATTEMPTS)):
         # faulthandler: a native crash prints the Python line (the MeshLab filter) it happened in
-        proc = subprocess.run([sys.executable, "-X", "faulthandler", "-m", "backend.mesh.clean"], input=buf.getvalue(),
-                              capture_output=True, timeout=1800)
-        # a native crash of MeshLab's filters (a signal) was seen in one of four suite runs (stop 25) and in
-        # one of two (stop 30, both attempts): one retry; a Python error is not retried
-        if proc.returncode == 0 or proc.returncode > 0:
+        proc = subprocess.run([sys.executable, "-X", "faulthandler", "-m", "backend.mesh.clean", str(attempt)],
+                              input=buf.getvalue(), capture_output=True, timeout=1800)
+        if proc.returncode >= 0:  # done, or a Python error (not retried)
             break
+        crashes.append(f"{ATTEMPTS[attempt]}: exit code {proc.returncode}")
+        sys.stderr.write(f"mesh clean-up crashed ({crashes[-1]}): {_tail(proc.stderr, 600)}\n")
     if proc.returncode != 0:
-        why = proc.stderr.decode(errors="replace").strip()[-2000:] or "no message"
+        why = _tail(proc.stderr, 2000) or "no message"
         kept = ""
         if proc.returncode < 0:  # a crash: keep its input, so that it can be replayed
             import tempfile
@@ -62,16 +73,32 @@ def _clean_in_subprocess(vertices, faces, s: CleanSettings):
             kept = f" [input kept in {path}: python -X faulthandler -m backend.mesh.clean < it]"
         raise RuntimeError(f"mesh clean-up failed (exit code {proc.returncode}, {attempt + 1} attempt(s)): {why}{kept}")
     out = np.load(io.BytesIO(proc.stdout))
+    if crashes:  # the job goes on; the log keeps what happened
+        sys.stderr.write(f"mesh clean-up done on attempt {attempt + 1} ({ATTEMPTS[attempt]}) after {'; '.join(crashes)}\n")
     return out["vertices"], out["faces"], out["normals"]
 
 
+def _tail(stderr: bytes, n: int) -> str:
+    return stderr.decode(errors="replace").strip()[-n:]
+
+
 def _subprocess_main() -> None:
+    attempt = int(sys.argv[1]) if len(sys.argv) > 1 else 0
     data = np.load(io.BytesIO(sys.stdin.buffer.read()))
     fields = list(CleanSettings.__dataclass_fields__)
     vals = data["settings"].tolist()
     types = {k: type(v) for k, v in asdict(CleanSettings()).items()}
     s = CleanSettings(**{k: types[k](v) for k, v in zip(fields, vals)})
-    v, f, n = _clean(data["vertices"], data["faces"], s)
+    v, f = data["vertices"], data["faces"]
+    if attempt >= 1:  # the same mesh in another order
+        rng = np.random.default_rng(attempt)
+        perm = rng.permutation(len(v))
+        inv = np.empty_like(perm)
+        inv[perm] = np.arange(len(perm))
+        v, f = v[perm], inv[f][rng.permutation(len(f))]
+    if attempt >= 2:
+        s = replace(s, max_hole_edges=0, smoothing_steps=0, remesh_iterations=0, fill_budget=0.0)
+    v, f, n = _clean(v, f, s, short=attempt >= 2)
     buf = io.BytesIO()
     np.savez(buf, vertices=v, faces=f, normals=n)
     sys.stdout.buffer.write(buf.getvalue())
@@ -143,8 +170,9 @@ def mesh_topology(vertices: np.ndarray, faces: np.ndarray) -> dict:
     return out
 
 
-def _clean(vertices: np.ndarray, faces: np.ndarray, s: CleanSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    out = _clean_once(vertices, faces, s)
+def _clean(vertices: np.ndarray, faces: np.ndarray, s: CleanSettings,
+           short: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    out = _clean_once(vertices, faces, s, short)
     low = s.fill_budget * s.target_faces  # the budget is a ceiling, and met to within 5 % (the fill budget)
     if s.fill_budget <= 0 or len(out[1]) == 0 or len(out[1]) >= low:
         return out
@@ -164,7 +192,8 @@ def _clean(vertices: np.ndarray, faces: np.ndarray, s: CleanSettings) -> tuple[n
     return max(under, key=lambda r: len(r[1])) if under else min(tried, key=lambda r: len(r[1]))
 
 
-def _clean_once(vertices: np.ndarray, faces: np.ndarray, s: CleanSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _clean_once(vertices: np.ndarray, faces: np.ndarray, s: CleanSettings,
+                short: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     import pymeshlab
 
     if s.min_component_fraction > 0 and len(faces):
@@ -216,11 +245,12 @@ def _clean_once(vertices: np.ndarray, faces: np.ndarray, s: CleanSettings) -> tu
             ms.meshing_close_holes(maxholesize=s.max_hole_edges, newfaceselected=False, selfintersection=False)
         except pymeshlab.PyMeshLabException:
             pass
-    try:
-        ms.meshing_re_orient_faces_coherently()
-    except pymeshlab.PyMeshLabException:
-        pass  # still non-manifold somewhere: keep the marching-cubes orientation (outward already)
-    for _ in range(3):
+    if not short:
+        try:
+            ms.meshing_re_orient_faces_coherently()
+        except pymeshlab.PyMeshLabException:
+            pass  # still non-manifold somewhere: keep the marching-cubes orientation (outward already)
+    for _ in range(0 if short else 3):
         # faces that no orientation agrees with (where sheets of the iso-surface touched and
         # the repairs cut and re-closed them): cut them out, close the holes, orient again
         m = ms.current_mesh()
