@@ -489,3 +489,46 @@ def test_a_crashed_clean_up_subprocess_is_retried_reordered_then_with_a_short_ch
     with np.load(kept) as data:
         assert np.array_equal(data["faces"], f0)
     os.unlink(kept)
+
+
+def test_snapping_holds_the_outline_to_the_mask_and_leaves_the_rest():
+    """A sphere of radius 1 seen against the mask of a sphere 4 % smaller (a pixel and a half
+    at 96 px): the vertices outside the mask move onto its outline, at their own depth, and the
+    mesh's silhouette then matches the mask; a vertex inside it or farther out than max_px stays."""
+    import trimesh
+
+    from backend.mesh.silhouette import snap_to_mask
+
+    s = trimesh.creation.icosphere(4)
+    v0, f = np.asarray(s.vertices, np.float64), np.asarray(s.faces)
+    c2w = cam.spherical_to_c2w(10.0, 30.0, 4.0)
+    k = cam.Intrinsics.from_fov(math.radians(40.0), 96, 96)
+
+    def silhouette(v, supersample=4):
+        kk = k.scaled(96 * supersample, 96 * supersample)
+        m = rasterize_mesh(torch.as_tensor(v, dtype=torch.float32), torch.as_tensor(f), c2w, kk).mask.float().numpy()
+        return m.reshape(96, supersample, 96, supersample).mean((1, 3))  # coverage per pixel
+
+    alpha = silhouette(v0 * 0.96)
+    v, moved = snap_to_mask(v0, alpha, c2w, k)
+    before, after = silhouette(v0), silhouette(v)
+    outside = alpha < 0.5
+    assert moved > 50
+    # coverage where the mask says background: about a 1.5 px ring before, under a tenth of it after
+    assert before[outside].sum() > 150 and after[outside].sum() < 0.1 * before[outside].sum(), (
+        before[outside].sum(), after[outside].sum())
+    assert np.abs(after - alpha).sum() < 0.25 * np.abs(before - alpha).sum()
+    d = np.linalg.norm(v - v0, axis=1)
+    _, z0 = cam.project(v0, c2w, k)
+    _, z1 = cam.project(v, c2w, k)
+    assert np.abs(z1 - z0).max() < 1e-9  # moved across the ray, not along it
+    assert (d > 0).sum() == moved and d.max() < 0.1  # only the rim, by a few percent
+    uv, _ = cam.project(v0, c2w, k)
+    inside = alpha[np.clip(uv[:, 1].astype(int), 0, 95), np.clip(uv[:, 0].astype(int), 0, 95)] > 0.9
+    assert np.all(d[inside] == 0)
+    # a mask that misses a part (here all but a quarter of the disc) is not this view's business past max_px
+    cut = alpha.copy()
+    cut[:, :40] = 0
+    v2, _ = snap_to_mask(v0, cut, c2w, k, max_px=3.0)
+    far = np.abs(uv[:, 0] - 20) < 10
+    assert np.all(np.linalg.norm(v2 - v0, axis=1)[far] == 0)

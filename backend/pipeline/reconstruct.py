@@ -20,8 +20,9 @@ from ..mesh.bake import BakeSettings, BakeView, bake_normal_map, bake_texture, s
 from ..mesh.clean import CleanSettings, clean_mesh, mesh_topology
 from ..mesh.extract import (FieldNormals, calibrated_surface, centre_density, close_solid, density_grid, free_space,
                             gaussian_bounds, solid_surface, surface_field)
-from ..mesh.textured import TexturedMesh
+from ..mesh.textured import TexturedMesh, vertex_normals
 from ..mesh.quads import fit_quad_budget
+from ..mesh.silhouette import snap_to_mask
 from ..mesh.uv import unwrap, uv_seams
 from ..common.progress import NULL, Progress
 
@@ -35,6 +36,10 @@ class MeshSettings:
     hull_binding: tuple[int, ...] = ()  # ... or outside the mask of one of these views (known to be right)
     depth_votes: int = 1  # a voxel in front of the rendered depth in this many views is empty
     close_voxels: int = 0  # free channels into the solid narrower than about twice this are filled
+    # vertices that project this many pixels or less outside a binding view's mask are moved onto its outline
+    # (backend.mesh.silhouette; 0: never). The hull holds the surface only to its dilation and a voxel: the cube's
+    # outline reached a pixel past its reference's, 98 % of that view's error (bench, 256 px: 25.5 dB, snapped 41.5)
+    snap_px: float = 3.0
     clean: CleanSettings = field(default_factory=CleanSettings)
 
 
@@ -83,10 +88,14 @@ class ExtractedMesh:
     normals: np.ndarray  # [V,3]
     level: float  # the density's iso level
     detail: FieldNormals  # the surface before decimation: its normals at any point near it
+    snapped: int = 0  # vertices moved onto a binding view's outline
 
 
-def gaussians_to_mesh(g: Gaussians, views: PosedViews, settings: MeshSettings, progress: Progress = NULL) -> ExtractedMesh:
-    """Density grid, free-space carving from renders, marching cubes, clean-up (world space)."""
+def gaussians_to_mesh(g: Gaussians, views: PosedViews, settings: MeshSettings, progress: Progress = NULL,
+                      photos: dict | None = None) -> ExtractedMesh:
+    """Density grid, free-space carving from renders, marching cubes, clean-up (world space);
+    then the outline held to the binding views' masks (``photos`` {view index: RGBA}: those
+    views at full size, where given)."""
     lo, hi = gaussian_bounds(g)
     grid = density_grid(g, settings.grid_resolution, (lo, hi))
     progress.update(0.3, "density grid")
@@ -112,8 +121,17 @@ def gaussians_to_mesh(g: Gaussians, views: PosedViews, settings: MeshSettings, p
         v, f, level, _ = calibrated_surface(grid, free, views, centre_density(grid, g))
     progress.update(0.7, f"marching cubes at level {level:g}: {len(f)} faces")
     v, f, n = clean_mesh(v, f, settings.clean)
+    snapped = 0
+    if settings.snap_px > 0 and settings.hull_binding:
+        for i in settings.hull_binding:
+            img = (photos or {}).get(i, views.images[i])
+            k = views.intrinsics[i].scaled(img.shape[1], img.shape[0])
+            v, moved = snap_to_mask(v, img[..., 3], views.c2w[i], k, settings.snap_px * img.shape[1] / views.width)
+            snapped += moved
+        if snapped:
+            n = vertex_normals(v, f)
     detail = FieldNormals(surface_field(grid, free, level), grid.origin, grid.voxel, level)
-    return ExtractedMesh(v, f, n, level, detail)
+    return ExtractedMesh(v, f, n, level, detail, snapped)
 
 
 def reconstruct(views: PosedViews, settings: ReconstructSettings | None = None, device: str = "cpu",
@@ -146,7 +164,7 @@ def gaussians_to_textured_mesh(g: Gaussians, views: PosedViews, settings: Recons
 
     t = time.perf_counter()
     p = plan["mesh"]
-    em = gaussians_to_mesh(g, views, s.mesh, p)
+    em = gaussians_to_mesh(g, views, s.mesh, p, photos)
     v, f, n, level = em.vertices, em.faces, em.normals, em.level
     timings["mesh"] = time.perf_counter() - t
     topo = mesh_topology(v, f)
@@ -193,6 +211,7 @@ def gaussians_to_textured_mesh(g: Gaussians, views: PosedViews, settings: Recons
         "vertices": int(len(uvv)),
         "faces": int(len(uf)),
         "iso_level": level,
+        "snapped_vertices": em.snapped,
         "watertight": topo["watertight"],
         "boundary_edges": topo["boundary_edges"],
         "non_manifold_edges": topo["non_manifold_edges"],
