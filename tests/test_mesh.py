@@ -532,3 +532,5 @@ def test_snapping_holds_the_outline_to_the_mask_and_leaves_the_rest():
     v2, _ = snap_to_mask(v0, cut, c2w, k, max_px=3.0)
     far = np.abs(uv[:, 0] - 20) < 10
     assert np.all(np.linalg.norm(v2 - v0, axis=1)[far] == 0)
+    v3, n3 = snap_to_mask(v0, np.zeros_like(alpha), c2w, k)  # an empty mask moves nothing
+    assert n3 == 0 and np.array_equal(v3, v0)

@@ -19,7 +19,8 @@ from ..common import cameras as cam
 def outside_distance(alpha: np.ndarray, upsample: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """For each point of a grid ``upsample`` times finer than ``alpha`` [H,W]: its distance (in
     ``alpha``'s pixels) to the nearest point inside the mask (alpha > 0.5, bilinear), 0 inside,
-    and that nearest point's pixel coordinates [...,2] (x, y; pixel centres at +0.5)."""
+    and that nearest point's pixel coordinates [...,2] (x, y; pixel centres at +0.5). An empty
+    mask: every distance is infinite."""
     from scipy.ndimage import distance_transform_edt, map_coordinates
 
     h, w = alpha.shape
@@ -29,7 +30,7 @@ def outside_distance(alpha: np.ndarray, upsample: int = 4) -> tuple[np.ndarray, 
     gy, gx = np.meshgrid(ys, xs, indexing="ij")
     fine = map_coordinates(np.asarray(alpha, np.float32), [gy, gx], order=1, mode="nearest") > 0.5
     if not fine.any():
-        raise ValueError("the mask is empty")
+        return np.full(fine.shape, np.inf), np.zeros(fine.shape + (2,))
     dist, idx = distance_transform_edt(~fine, return_indices=True)
     nearest = np.stack([(idx[1] + 0.5) / u, (idx[0] + 0.5) / u], -1)
     return dist / u, nearest
