@@ -229,7 +229,7 @@ def test_image_to_3d_of_a_closed_object_is_watertight_and_keeps_the_reference(bo
     # the outline is held to the reference's mask (snapped): few pixels of surface where it shows background
     spill = int(((seen[..., 3] > 0.5) & (reference[..., 3] < 0.5)).sum())
     print("snapped", st["snapped_vertices"], "pixels outside the reference's mask", spill)
-    # (measured: 0 pixels snapped, 34 without snapping)
+    # (measured: 0 such pixels with snapping, 34 without)
     assert st["snapped_vertices"] > 0 and spill < 10, (st["snapped_vertices"], spill)
     good = psnr_union(seen, reference)
     # the same mesh with its texture scrambled (half a texture off in u and v): what the bar must reject

@@ -467,7 +467,6 @@ def test_a_crashed_clean_up_subprocess_is_retried_reordered_then_with_a_short_ch
     sphere = trimesh.creation.icosphere(3)  # 1280 faces, decimated to 300 by every variant
     v0, f0 = np.asarray(sphere.vertices), np.asarray(sphere.faces)
     s = clean.CleanSettings(target_faces=300)
-    results = {}
     for crashes in (0, 1, 2):
         calls.clear()
         monkeypatch.setattr(clean.subprocess, "run", flaky(crashes))
@@ -478,7 +477,6 @@ def test_a_crashed_clean_up_subprocess_is_retried_reordered_then_with_a_short_ch
         assert 0.9 * 300 <= len(f) <= 300 and topo["watertight"] and topo["genus"] == 0, (crashes, len(f), topo)
         assert np.all(np.einsum("ij,ij->i", n, v - v.mean(0)) > 0)
         assert abs(np.linalg.norm(v, axis=1).mean() - 1.0) < 0.02
-        results[crashes] = len(f)
     assert "done on attempt 3 (short chain) after as asked: exit code -11; reordered: exit code -11" in capfd.readouterr().err
     calls.clear()
     monkeypatch.setattr(clean.subprocess, "run", lambda *a, **k: types.SimpleNamespace(returncode=-11, stdout=b"",
@@ -526,7 +524,7 @@ def test_snapping_holds_the_outline_to_the_mask_and_leaves_the_rest():
     uv, _ = cam.project(v0, c2w, k)
     inside = alpha[np.clip(uv[:, 1].astype(int), 0, 95), np.clip(uv[:, 0].astype(int), 0, 95)] > 0.9
     assert np.all(d[inside] == 0)
-    # a mask that misses a part (here all but a quarter of the disc) is not this view's business past max_px
+    # a mask that misses a part (here its left side, cut off) is not this view's business past max_px
     cut = alpha.copy()
     cut[:, :40] = 0
     v2, _ = snap_to_mask(v0, cut, c2w, k, max_px=3.0)
