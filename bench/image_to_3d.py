@@ -5,6 +5,7 @@ generator, the product's settings, and the truth to compare with.
                                 [--quality standard] [--prior oracle|none] [--test 8]
                                 [--resolution 128] [--seed 0] [--renders DIR] [--json FILE]
                                 [--faults unseen=0 gain=0 ...] [--prior-faults same|none]
+                                [--posterior exact|wiener]
                                 [--prior-fault elevation_bias_deg=0 ...] [--set distill.prior_weight=1 ...]
 
 For each object (suzanne: concavities and a photographic texture; mug: a thin handle and
@@ -20,7 +21,10 @@ view:
 Score distillation's prior is the oracle denoiser on the true object
 (:func:`evaluation.oracle.oracle_prior`); for degraded views it samples like Zero-1-to-3
 too, with the same kind of faults drawn on every call, so it is right on average but never
-exactly (``--prior none``: the Gaussians are fitted to the views alone). ``--faults`` and
+exactly (``--prior none``: the Gaussians are fitted to the views alone). ``--posterior``
+says what the oracle's SDEdit passes (the view updates) return: ``exact`` its truth (for degraded
+views a fresh faulty sample) whatever the strength, ``wiener`` the input's frequencies that the
+pass's noise leaves, the rest from the truth, as a trained denoiser would. ``--faults`` and
 ``--prior-fault`` switch single faults off (or up) for the views and the prior, so that each
 fault's cost can be measured; ``--set`` changes any setting of the job.
 
@@ -132,7 +136,7 @@ def run_one(obj: str, kind: str, args, work: Path, device: str) -> dict:
         prior_faults = None
         if kind == "degraded" and args.prior_faults == "same":
             prior_faults = ViewFaults(**{**faults.__dict__, **dict(args.prior_fault or {})})
-        prior = oracle_prior(gt, radius, prior_faults, args.seed + 1)
+        prior = oracle_prior(gt, radius, prior_faults, args.seed + 1, posterior=args.posterior)
     if args.distill_steps is not None:
         s.distill.steps = args.distill_steps
     if args.view_updates is not None:
@@ -234,6 +238,9 @@ def main() -> None:
     ap.add_argument("--faults", nargs="+", default=None, type=_fault, metavar="NAME=VALUE",
                     help="override ViewFaults of the degraded views and prior (e.g. unseen=0 gain=0 scale_drift=0; "
                          "blur_px=LO,HI), to see which fault costs what")
+    ap.add_argument("--posterior", default="exact", choices=["exact", "wiener"],
+                    help="what the oracle's SDEdit passes (the view updates) return: its (faulty) truth whatever "
+                         "the strength, or the Wiener posterior that keeps what the noise leaves of the input")
     ap.add_argument("--prior-faults", default="same", choices=["same", "none"],
                     help="for degraded views, the oracle prior samples with the same faults (default) or none")
     ap.add_argument("--prior-fault", nargs="+", default=None, type=_fault, metavar="NAME=VALUE",

@@ -363,15 +363,16 @@ def gt_textured_mesh(npz) -> "object":
 
 
 def oracle_prior(npz, radius: float, faults: "ViewFaults | None" = None, seed: int = 0, size: int = 128,
-                 guidance_scale: float = 1.0):
+                 guidance_scale: float = 1.0, posterior: str = "exact"):
     """A prior factory for ``image_to_3d``: the oracle denoiser on :class:`RigTruth` (perfect,
-    or with Zero-1-to-3-like ``faults``)."""
+    or with Zero-1-to-3-like ``faults``); ``posterior`` is what its SDEdit passes return
+    (:class:`backend.pipeline.sds.OracleGuidance`)."""
     from backend.pipeline.novel_views import RADIUS
     from backend.pipeline.sds import OracleGuidance
 
     truth = RigTruth(gt_textured_mesh(npz), npz["center"], radius / RADIUS, faults, seed)
 
     def build(reference_rgba, elevation):
-        return [OracleGuidance(truth, size=size, guidance_scale=guidance_scale)]
+        return [OracleGuidance(truth, size=size, guidance_scale=guidance_scale, posterior=posterior)]
 
     return build

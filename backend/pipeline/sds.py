@@ -121,8 +121,21 @@ def _square_resize(images: torch.Tensor, size: int) -> torch.Tensor:
 
 @dataclass
 class OracleGuidance:
-    """``eps(x_t, t) = (x_t - sqrt(abar) x*) / sqrt(1 - abar)`` with ``x*`` the true
-    render from the same camera (image space). ``truth(views) -> [B,3,H,W]``."""
+    """A denoiser that knows the truth: ``eps(x_t, t) = (x_t - sqrt(abar) x*) / sqrt(1 - abar)`` with
+    ``x*`` the true render from the same camera (image space; ``truth(views) -> [B,3,H,W]``).
+
+    ``posterior`` says what an SDEdit pass through it (:func:`sdedit_images`) returns:
+
+    * ``"exact"``: ``x*``, whatever the strength. Its prediction ignores what ``x_t`` still holds, so
+      from a sampling truth (faults drawn per call) a pass returns a fresh faulty sample.
+    * ``"wiener"``: ``x* + W (input - x*)`` with ``W(f) = P(f) / (P(f) + (1 - abar) / abar)`` per
+      spatial frequency, ``P`` the radially averaged power of ``x*`` times ``spread`` and ``abar`` at
+      the pass's strength: the input's frequencies that the noise would not drown are kept, the rest
+      come from ``x*``. Like a trained denoiser's partial-noise pass, it keeps the input's layout and
+      colours at low strength and replaces more of it as the strength rises. It is the posterior mean
+      of a Gaussian prior around ``x*``, taken without the sampling noise a multi-step pass under
+      that prior would add (which would cover the background with coloured noise). Score
+      distillation (``eps``) is the same under both."""
 
     truth: object
     size: int = 128
@@ -130,6 +143,12 @@ class OracleGuidance:
     guidance_scale: float = 1.0
     name: str = "oracle"
     alphas_cumprod: torch.Tensor = field(default_factory=scaled_linear_alphas)
+    posterior: str = "exact"  # "exact" | "wiener"
+    spread: float = 1.0  # wiener: the prior's power relative to the image's own
+
+    def __post_init__(self):
+        if self.posterior not in ("exact", "wiener"):
+            raise ValueError(f"unknown posterior {self.posterior!r} (exact | wiener)")
 
     def encode(self, images):
         return images * 2 - 1
@@ -140,13 +159,41 @@ class OracleGuidance:
     def accepts(self, view: View) -> bool:
         return True
 
+    def _truth(self, views, like: torch.Tensor) -> torch.Tensor:
+        x_star = self.truth(views).to(like)
+        if x_star.shape[-2:] != like.shape[-2:]:
+            x_star = F.interpolate(x_star, like.shape[-2:], mode="area")
+        return x_star
+
     def eps(self, x_t, t, views):
-        x_star = self.truth(views).to(x_t)
-        if x_star.shape[-2:] != x_t.shape[-2:]:
-            x_star = F.interpolate(x_star, x_t.shape[-2:], mode="area")
-        x_star = x_star * 2 - 1
+        x_star = self._truth(views, x_t) * 2 - 1
         ab = self.alphas_cumprod.to(x_t)[t].reshape(-1, 1, 1, 1)
         return (x_t - ab.sqrt() * x_star) / (1 - ab).sqrt(), None
+
+    def edit(self, imgs: torch.Tensor, views: Sequence[View], t_frac: float) -> torch.Tensor | None:
+        """The SDEdit pass in closed form for the ``wiener`` posterior ([B,3,H,W] in [0,1]); None
+        for ``exact`` (the pass then runs step by step)."""
+        if self.posterior == "exact":
+            return None
+        x_star = self._truth(views, imgs)
+        ab = self.alphas_cumprod.to(imgs)[int(min(max(t_frac, 0.0), 1.0) * (len(self.alphas_cumprod) - 1))]
+        p = self.spread * radial_power(x_star * 2 - 1)  # the prior's power per frequency, in [-1,1] units
+        gain = p / (p + (1 - ab) / ab)
+        d = torch.fft.fft2((imgs - x_star).float() * 2, norm="ortho") * gain
+        return (x_star + torch.fft.ifft2(d, norm="ortho").real.to(imgs) / 2).clamp(0, 1)
+
+
+def radial_power(x: torch.Tensor) -> torch.Tensor:
+    """Per-coefficient power of ``x`` [B,C,H,W] under the orthonormal 2-D DFT, averaged over the
+    channels and over rings of equal spatial frequency: [B,1,H,W]."""
+    b, _, h, w = x.shape
+    p = (torch.fft.fft2(x.float(), norm="ortho").abs() ** 2).mean(1)  # [B,H,W]
+    fy, fx = torch.fft.fftfreq(h, device=x.device) * h, torch.fft.fftfreq(w, device=x.device) * w
+    ring = torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2).round().long().flatten()  # [H*W]
+    n = int(ring.max()) + 1
+    sums = torch.zeros(b, n, device=x.device).index_add_(1, ring, p.flatten(1))
+    counts = torch.zeros(n, device=x.device).index_add_(0, ring, torch.ones(ring.shape, device=x.device))
+    return (sums / counts)[:, ring].reshape(b, 1, h, w)
 
 
 def view_suffix(elevation: float, azimuth: float) -> str:
@@ -451,7 +498,12 @@ def sdedit_images(g: Guidance, imgs: torch.Tensor, views: Sequence[View], t_frac
                   gen: torch.Generator) -> torch.Tensor:
     """SDEdit through a guidance: noise ``imgs`` [B,3,H,W] (in [0,1]) to ``t_frac`` of the
     schedule, denoise with ``steps`` DDIM steps (classifier-free guided where the guidance has
-    an unconditional branch) and decode. Returns images at the input's size."""
+    an unconditional branch) and decode. Returns images at the input's size. A guidance with an
+    ``edit(imgs, views, t_frac)`` that answers (the oracle's Wiener posterior) does the pass in
+    closed form instead."""
+    closed = g.edit(imgs, views, t_frac) if hasattr(g, "edit") else None
+    if closed is not None:
+        return closed
     ac = g.alphas_cumprod
     b = imgs.shape[0]
     t0 = int(min(max(t_frac, 0.0), 1.0) * (len(ac) - 1))
