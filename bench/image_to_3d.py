@@ -197,7 +197,8 @@ def run_one(obj: str, kind: str, args, work: Path, device: str) -> dict:
            **{k: res.stats.get(k) for k in ("watertight", "boundary_edges", "non_manifold_edges", "components", "genus", "faces",
                                             "atlas_use", "texture_coverage", "uv_charts", "uv_seam_edges",
                                             "uv_seam_fraction",
-                                            "view_disagreement", "view_updates", "prior_pose")}}
+                                            "view_disagreement", "view_updates", "prior_pose",
+                                            "view_elevation_offset")}}
     if device.startswith("cuda"):
         out["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return out

@@ -114,6 +114,33 @@ def test_view_plan_sees_the_top_and_trusts_the_reference_side_most():
     assert w[np.argmax(facing)] > 2 * w[np.argmin(facing)]  # beside the reference >> opposite it
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_views_common_elevation_error_is_found_from_their_silhouettes(box, seed):
+    """Views made 6 degrees higher than asked (and 2 degrees of jitter each): the visual hull's
+    agreement with their masks finds the shared error within 1.5 degrees of the views' mean
+    error, and moving the cameras by it raises the agreement; perfect views are left where
+    they are."""
+    from backend.pipeline.generate import rig_views
+    from backend.pipeline.view_pose import MIN_DEGREES, estimate_elevation_offset, hull_agreement, with_elevation_offset
+
+    ref, _ = _reference(box)
+    poses = plan_views(8)
+    faults = ViewFaults(jitter_deg=2.0, elevation_bias_deg=6.0, scale_drift=0.0, blur_px=(0.0, 0.0), gain=0.0,
+                        brightness=0.0, unseen=0.0)
+    oracle = DegradedOracleViews("box", np.zeros(3), RADIUS, size=SIZE, mesh=box, seed=seed, faults=faults)
+    rng = np.random.default_rng(seed)
+    mean_error = float(np.mean([faults.draw(rng)["d_el"] for _ in poses]))
+    views = rig_views(ref, oracle(ref, 0.0, poses), poses, 0.0)
+    est = estimate_elevation_offset(views, np.zeros(3), range(1, len(views)))
+    print("elevation offset", est.to_dict(), "views' mean error", mean_error)
+    assert est.used and abs(est.degrees - mean_error) < 1.5, (est.to_dict(), mean_error)
+    moved = with_elevation_offset(views.resized(96), est.value, np.zeros(3), range(1, len(views)))
+    assert hull_agreement(moved, 96, range(1, len(views))) > est.agreement_at_zero + 0.005
+    perfect = rig_views(ref, OracleViews("box", np.zeros(3), RADIUS, size=SIZE, mesh=box)(ref, 0.0, poses), poses, 0.0)
+    still = estimate_elevation_offset(perfect, np.zeros(3), range(1, len(perfect)))
+    assert abs(still.degrees) < MIN_DEGREES and not still.used and still.value == 0.0, still.to_dict()
+
+
 def test_score_distillation_pulls_a_wrong_shape_toward_the_truth(box):
     """From a ball and the front view alone, the oracle prior over random views must make
     the Gaussians box-shaped (IoU from the sides and above rises); the same stage without
@@ -261,7 +288,7 @@ def test_image_to_3d_of_a_closed_object_is_watertight_and_keeps_the_reference(bo
     assert mask_iou(seen[..., 3], reference[..., 3]) > 0.9
     # the outline is held to the reference's mask (snapped): few pixels of surface where it shows background
     spill = int(((seen[..., 3] > 0.5) & (reference[..., 3] < 0.5)).sum())
-    print("snapped", st["snapped_vertices"], "pixels outside the reference's mask", spill)
+    print("snapped", st["snapped_vertices"], "pixels outside the reference's mask", spill, "offset", st.get("view_elevation_offset"))
     # (measured: 0 such pixels with snapping, 34 without)
     assert st["snapped_vertices"] > 0 and spill < 10, (st["snapped_vertices"], spill)
     good = psnr_union(seen, reference)

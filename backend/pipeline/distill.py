@@ -81,6 +81,10 @@ class DistillSettings:
     update_start: float = 0.3  # fraction of the schedule of the first update
     update_strength: float = 0.35  # noise level of the SDEdit pass, as a fraction of the schedule
     update_steps: int = 8  # DDIM steps of that pass
+    # the generated views' cameras sit this many degrees of elevation above the poses they were asked for
+    # (backend.pipeline.view_pose); an update asks the prior for the pose it was asked for first, since the
+    # prior's error comes with every answer
+    ask_elevation_offset: float = 0.0
     # learning rates (means: per unit of object radius, decayed to lr_means_final of it)
     lr_means: float = 3e-3
     lr_means_final: float = 0.1
@@ -277,6 +281,9 @@ def _update_views(params: dict, views: PosedViews, images: torch.Tensor, generat
     k = cam.Intrinsics.from_fov(math.radians(fov), size, size)
     pv = [view_of(views.c2w[i], k, center, i) for i in generated]
     vm = torch.as_tensor(cam.c2w_to_viewmat(np.stack([v.c2w for v in pv])), dtype=torch.float32, device=dev)
+    if s.ask_elevation_offset:  # rendered where the views are, asked for as they were asked for
+        pv = [view_of(cam.spherical_to_c2w(v.elevation - s.ask_elevation_offset, v.azimuth, v.radius, center), k, center,
+                      v.source) for v in pv]
     K = torch.as_tensor(pv[0].intr.K(), dtype=torch.float32, device=dev)[None].expand(len(pv), -1, -1)
     white = torch.ones(len(pv), 3, device=dev)
     col, al = _render({k: v.detach() for k, v in params.items()}, vm, K, size, size, white)

@@ -40,6 +40,7 @@ from .novel_views import (FOV_DEG, RADIUS, NovelViewGenerator, absolute_pose, co
 from .reconstruct import ReconstructSettings, gaussians_to_textured_mesh
 from .sds import Guidance
 from .segment import foreground
+from .view_pose import estimate_elevation_offset
 
 # the image becomes the reference at azimuth 0 (the object's front, seen from -Y): ask for exactly that view
 PROMPT_TEMPLATE = ("{prompt}, front view, a single isolated object, centered, full view, plain white background, "
@@ -84,6 +85,9 @@ class GenerateSettings:
     reconstruct: ReconstructSettings = field(default_factory=ReconstructSettings)
     distill: DistillSettings = field(default_factory=DistillSettings)  # with a prior; steps 0: none
     view_updates: int = 0  # iterative dataset updates during distillation (0: none)
+    # find the generated views' common elevation error from their silhouettes and move their cameras by it
+    # (backend.pipeline.view_pose); the prior is still asked for the poses the views were asked for
+    fit_view_elevation: bool = True
     dream: DreamSettings = field(default_factory=DreamSettings)  # text-to-3D by score distillation (text_to_3d_sds)
     refine: bool = True
     refine_steps: int = 40
@@ -180,7 +184,16 @@ def image_to_3d(image: np.ndarray, generator: NovelViewGenerator, settings: Gene
     plan["novel_views"].update(1.0, f"{len(novel)} views", contact_sheet(novel_rgba))
     timings["novel_views"] = time.perf_counter() - t
 
-    rig = rig_views(reference, novel_rgba, poses, s.reference_elevation, view_weights(poses, s.novel_weight, s.away_weight))
+    weights = view_weights(poses, s.novel_weight, s.away_weight)
+    rig = rig_views(reference, novel_rgba, poses, s.reference_elevation, weights)
+    offset = None
+    if s.fit_view_elevation:
+        t = time.perf_counter()
+        offset = estimate_elevation_offset(rig, np.zeros(3), range(1, len(rig)))
+        if offset.used:
+            rig = rig_views(reference, novel_rgba, [(d_el + offset.value, d_az, d_r) for d_el, d_az, d_r in poses],
+                            s.reference_elevation, weights)
+        timings["view_pose"] = time.perf_counter() - t
     views = rig
     rs = s.reconstruct
     rs.resolution = s.resolution
@@ -201,6 +214,7 @@ def image_to_3d(image: np.ndarray, generator: NovelViewGenerator, settings: Gene
         t = time.perf_counter()
         ds = s.distill
         ds.updates = s.view_updates
+        ds.ask_elevation_offset = offset.value if offset is not None else 0.0
         guidances = list(prior(reference, s.reference_elevation))
         d = distill_gaussians(g, views, guidances, ds, device, plan["distill"])
         g, views = d.gaussians, d.views
@@ -220,7 +234,8 @@ def image_to_3d(image: np.ndarray, generator: NovelViewGenerator, settings: Gene
     mesh, norm = normalize_mesh(mesh)
     plan["export"].update(1.0)
     stats = {**rec.stats, **extra, "segmentation": matte.method, "reference_coverage": matte.coverage,
-             "reframed": framing["reframed"], "views": len(novel), "view_weights": [round(float(w), 3) for w in views.weights],
+             "reframed": framing["reframed"], "views": len(novel),
+             **({"view_elevation_offset": offset.to_dict()} if offset is not None else {}), "view_weights": [round(float(w), 3) for w in views.weights],
              "front": [0.0, -1.0, 0.0], "up": [0.0, 0.0, 1.0], "radius": 1.0, "elevation": elevation_report}
     return GenerateResult(mesh, reference, novel_rgba, norm, timings, stats,
                           g.moved(norm["center"], norm["scale"]).to("cpu"))

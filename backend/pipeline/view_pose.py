@@ -1,0 +1,117 @@
+"""The generated views' common elevation error, found from their silhouettes.
+
+A novel-view model answers for a camera a few degrees off the one it was asked for, and
+part of that error is shared by every view it makes: Zero-1-to-3's views sit a little
+higher (or lower) than asked. The photometric fit takes each view at its asked camera, so a
+shared error tilts every view against the reference, which is right where it is; the fit
+averages the two into a blurred, thickened object.
+
+The silhouettes tell the shared part. With every view at its right camera, the visual hull
+of all the masks projects back onto each mask; with the views tilted against the reference,
+the hull is carved where they disagree and its projections fall short of the masks.
+:func:`estimate_elevation_offset` tries offsets added to every generated view's elevation
+(the reference stays where it is) and keeps the one whose hull agrees best with the masks,
+to a fraction of a degree by a parabola through the best candidate and its neighbours. The
+per-view part of the error (jitter) is not touched: one number for all views cannot explain
+away a wrong shape, as per-view registration can.
+
+Plain functions of posed views; no model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from ..common import cameras as cam
+from ..common.dataset import PosedViews
+from ..gaussians.init import estimate_bounds, inside_hull
+
+SEARCH = 10.0  # degrees either way
+# offsets smaller than this are not applied: on perfect views the estimate reads -0.9..+0.3 degrees (the
+# masks' and the grid's discretisation), so a smaller one cannot be told from none
+MIN_DEGREES = 1.5
+
+
+@dataclass
+class ElevationOffset:
+    degrees: float  # the estimate: add to every generated view's elevation
+    agreement: float  # mean IoU of the hull's projections with the generated views' masks, at the best candidate
+    agreement_at_zero: float
+    used: bool = False  # |degrees| >= MIN_DEGREES: the views were moved
+    scores: dict = field(default_factory=dict)  # candidate -> agreement
+
+    @property
+    def value(self) -> float:
+        """The offset to apply: the estimate, or 0 when it is within the estimator's own error."""
+        return self.degrees if self.used else 0.0
+
+    def to_dict(self) -> dict:
+        return {"degrees": round(self.degrees, 2), "used": self.used, "agreement": round(self.agreement, 4),
+                "agreement_at_zero": round(self.agreement_at_zero, 4), "method": "visual hull vs masks"}
+
+
+def with_elevation_offset(views: PosedViews, degrees: float, center: np.ndarray, moved: Sequence[int]) -> PosedViews:
+    """``views`` with the cameras ``moved`` raised by ``degrees`` of elevation around ``center``
+    (same azimuth and distance, looking at ``center``)."""
+    c2w = views.c2w.copy()
+    for i in moved:
+        el, az, r = cam.c2w_to_spherical(c2w[i], center)
+        c2w[i] = cam.spherical_to_c2w(el + degrees, az, r, center)
+    return PosedViews(views.images, c2w, list(views.intrinsics), list(views.names), views.weights.copy())
+
+
+def hull_agreement(views: PosedViews, resolution: int = 64, judged: Sequence[int] | None = None) -> float:
+    """Mean over the views ``judged`` (default all) of the IoU between each mask (alpha > 0.5) and
+    the projection of the strict visual hull (inside every mask that sees it) on a
+    ``resolution``^3 grid."""
+    b = estimate_bounds(views)
+    lin = np.linspace(-1, 1, resolution) * b.radius * (1 - 1 / resolution)
+    grid = np.stack(np.meshgrid(lin, lin, lin, indexing="ij"), -1).reshape(-1, 3) + b.center
+    pts = grid[inside_hull(grid, views, 1.0, dilate=0)]
+    ious = []
+    for i in range(len(views)) if judged is None else judged:
+        img, M, k = views.images[i], views.c2w[i], views.intrinsics[i]
+        mask = img[..., 3] > 0.5
+        sil = np.zeros_like(mask)
+        if len(pts):
+            uv, z = cam.project(pts, M, k)
+            x, y = np.floor(uv[:, 0]).astype(np.int64), np.floor(uv[:, 1]).astype(np.int64)
+            ok = (z > 0) & (x >= 0) & (x < k.width) & (y >= 0) & (y < k.height)
+            sil[y[ok], x[ok]] = True
+        union = (sil | mask).sum()
+        ious.append((sil & mask).sum() / union if union else 1.0)
+    return float(np.mean(ious))
+
+
+def estimate_elevation_offset(views: PosedViews, center: np.ndarray, moved: Sequence[int], search: float = SEARCH,
+                              size: int = 96, resolution: int = 96) -> ElevationOffset:
+    """The elevation offset of the views ``moved`` (the generated ones; the others, the
+    reference, stay where they are) under which the visual hull of all the views agrees best
+    with the masks of the views moved, within +-``search`` degrees: every 2 degrees, then 1
+    degree either side of the best, then a parabola through the best and its neighbours.
+    Views are judged at ``size`` pixels, the hull on a ``resolution``^3 grid."""
+    small = views.resized(size)
+    judged = list(moved)
+    scores: dict[float, float] = {}
+
+    def score(c: float) -> float:
+        c = float(np.clip(c, -search, search))
+        if c not in scores:
+            scores[c] = hull_agreement(with_elevation_offset(small, c, center, moved), resolution, judged)
+        return scores[c]
+
+    for c in np.arange(-search, search + 1e-9, 2.0):
+        score(float(c))
+    best = max(scores, key=scores.get)
+    score(best - 1.0), score(best + 1.0)
+    best = max(scores, key=scores.get)
+    degrees = best
+    if -search < best < search:
+        lo, mid, hi = score(best - 1.0), scores[best], score(best + 1.0)
+        curve = lo - 2 * mid + hi
+        if curve < 0:
+            degrees = best + float(np.clip(0.5 * (lo - hi) / curve, -0.5, 0.5))
+    return ElevationOffset(degrees, scores[best], score(0.0), abs(degrees) >= MIN_DEGREES, dict(sorted(scores.items())))
