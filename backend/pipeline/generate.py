@@ -235,7 +235,8 @@ def image_to_3d(image: np.ndarray, generator: NovelViewGenerator, settings: Gene
     plan["export"].update(1.0)
     stats = {**rec.stats, **extra, "segmentation": matte.method, "reference_coverage": matte.coverage,
              "reframed": framing["reframed"], "views": len(novel),
-             **({"view_elevation_offset": offset.to_dict()} if offset is not None else {}), "view_weights": [round(float(w), 3) for w in views.weights],
+             **({"view_elevation_offset": offset.to_dict()} if offset is not None else {}),
+             "view_weights": [round(float(w), 3) for w in views.weights],
              "front": [0.0, -1.0, 0.0], "up": [0.0, 0.0, 1.0], "radius": 1.0, "elevation": elevation_report}
     return GenerateResult(mesh, reference, novel_rgba, norm, timings, stats,
                           g.moved(norm["center"], norm["scale"]).to("cpu"))
