@@ -288,7 +288,10 @@ def test_image_to_3d_of_a_closed_object_is_watertight_and_keeps_the_reference(bo
     assert mask_iou(seen[..., 3], reference[..., 3]) > 0.9
     # the outline is held to the reference's mask (snapped): few pixels of surface where it shows background
     spill = int(((seen[..., 3] > 0.5) & (reference[..., 3] < 0.5)).sum())
-    print("snapped", st["snapped_vertices"], "pixels outside the reference's mask", spill, "offset", st.get("view_elevation_offset"))
+    print("snapped", st["snapped_vertices"], "pixels outside the reference's mask", spill, "offset", st["view_elevation_offset"])
+    # the views' shared elevation error (+5 degrees and jitter: 5.14 on average here) is found and applied
+    # (measured 2.37 at these 48 px views)
+    assert st["view_elevation_offset"]["used"] and 1.5 <= st["view_elevation_offset"]["degrees"] <= 8.0, st
     # (measured: 0 such pixels with snapping, 34 without)
     assert st["snapped_vertices"] > 0 and spill < 10, (st["snapped_vertices"], spill)
     good = psnr_union(seen, reference)
