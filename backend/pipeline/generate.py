@@ -203,6 +203,10 @@ def image_to_3d(image: np.ndarray, generator: NovelViewGenerator, settings: Gene
     # distilled Gaussians leave gaps in their shell; one view's depth through a gap would tunnel into the solid
     rs.mesh.depth_votes = max(rs.mesh.depth_votes, 4)
     rs.mesh.close_voxels = max(rs.mesh.close_voxels, 2)
+    # the views' masks are each a little larger than what they agree on: the iso level fitted to them inflated
+    # the surface (a degraded cube's faces 1-2 % of the diagonal out); fitted to the Gaussians' own renders it
+    # keeps their object (degraded cube Chamfer 0.0147 -> 0.0131, suzanne 0.0070 -> 0.0058; perfect cube the same)
+    rs.mesh.level_views = "gaussians"
     if rs.resolution and max(views.width, views.height) != rs.resolution:
         views = views.resized(rs.resolution)
     t = time.perf_counter()

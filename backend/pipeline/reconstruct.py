@@ -22,7 +22,7 @@ from ..mesh.extract import (FieldNormals, calibrated_surface, centre_density, cl
                             gaussian_bounds, solid_surface, surface_field)
 from ..mesh.textured import TexturedMesh, vertex_normals
 from ..mesh.quads import fit_quad_budget
-from ..mesh.silhouette import snap_to_mask
+from ..mesh.silhouette import grow_to_mask, snap_to_mask
 from ..mesh.uv import unwrap, uv_seams
 from ..common.progress import NULL, Progress
 
@@ -40,6 +40,9 @@ class MeshSettings:
     # (backend.mesh.silhouette; 0: never). The hull holds the surface only to its dilation and a voxel: the cube's
     # outline reached a pixel past its reference's, 98 % of that view's error (bench, 256 px: 25.5 dB, snapped 41.5)
     snap_px: float = 3.0
+    # ... and grown out onto it where the mesh leaves more than this fraction of its pixels uncovered (1: never)
+    grow_shortfall: float = 0.015
+    level_views: str = "views"  # what the iso level's silhouettes are matched to: the "views"' masks, or "gaussians" (their renders)
     clean: CleanSettings = field(default_factory=CleanSettings)
 
 
@@ -81,6 +84,17 @@ def render_views(g: Gaussians, rig: list[tuple[np.ndarray, cam.Intrinsics]]) -> 
     return out
 
 
+@torch.no_grad()
+def rendered_views(g: Gaussians, views: PosedViews, keep: tuple[int, ...] = ()) -> PosedViews:
+    """The Gaussians' own renders (straight-alpha RGBA) at the views' cameras; the views
+    ``keep`` stay as they are."""
+    rig = [(views.c2w[i], views.intrinsics[i]) for i in range(len(views))]
+    images = np.stack([b.rgba for b in render_views(g, rig)]).astype(np.float32)
+    for i in keep:
+        images[i] = views.images[i]
+    return PosedViews(images, views.c2w, views.intrinsics, views.names, views.weights)
+
+
 @dataclass
 class ExtractedMesh:
     vertices: np.ndarray  # [V,3] world space, after clean-up and decimation
@@ -88,7 +102,7 @@ class ExtractedMesh:
     normals: np.ndarray  # [V,3]
     level: float  # the density's iso level
     detail: FieldNormals  # the surface before decimation: its normals at any point near it
-    snapped: int = 0  # vertices moved onto a binding view's outline
+    snapped: int = 0  # vertices moved onto a binding view's outline (in from past it, or out to it)
 
 
 def gaussians_to_mesh(g: Gaussians, views: PosedViews, settings: MeshSettings, progress: Progress = NULL,
@@ -118,7 +132,11 @@ def gaussians_to_mesh(g: Gaussians, views: PosedViews, settings: MeshSettings, p
         v, f = solid_surface(grid, free, settings.level)
         level = settings.level
     else:
-        v, f, level, _ = calibrated_surface(grid, free, views, centre_density(grid, g))
+        if settings.level_views not in ("views", "gaussians"):
+            raise ValueError(f"level_views must be 'views' or 'gaussians', not {settings.level_views!r}")
+        # the binding views (the user's own reference) are right: their masks stay
+        cal = views if settings.level_views == "views" else rendered_views(g, views, tuple(settings.hull_binding))
+        v, f, level, _ = calibrated_surface(grid, free, cal, centre_density(grid, g))
     progress.update(0.7, f"marching cubes at level {level:g}: {len(f)} faces")
     v, f, n = clean_mesh(v, f, settings.clean)
     snapped = 0
@@ -126,8 +144,10 @@ def gaussians_to_mesh(g: Gaussians, views: PosedViews, settings: MeshSettings, p
         for i in settings.hull_binding:
             img = (photos or {}).get(i, views.images[i])
             k = views.intrinsics[i].scaled(img.shape[1], img.shape[0])
-            v, moved = snap_to_mask(v, img[..., 3], views.c2w[i], k, settings.snap_px * img.shape[1] / views.width)
-            snapped += moved
+            px = settings.snap_px * img.shape[1] / views.width
+            v, moved = snap_to_mask(v, img[..., 3], views.c2w[i], k, px)
+            v, grown = grow_to_mask(v, f, img[..., 3], views.c2w[i], k, px, min_shortfall=settings.grow_shortfall)
+            snapped += moved + grown
         if snapped:
             n = vertex_normals(v, f)
     detail = FieldNormals(surface_field(grid, free, level), grid.origin, grid.voxel, level)
