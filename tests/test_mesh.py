@@ -611,7 +611,7 @@ def test_with_generated_views_the_level_follows_the_gaussians_silhouettes_not_th
     for how in ("views", "gaussians"):
         m = gaussians_to_mesh(g, views, MeshSettings(grid_resolution=64, carve_views=0, level_views=how, snap_px=0))
         out[how] = (silhouette_iou(m.vertices, m.faces, own), silhouette_iou(m.vertices, m.faces, views))
-    print(out)
-    assert out["gaussians"][0] > 0.97  # the Gaussians' object
-    assert out["views"][1] > out["views"][0] + 0.03  # the masks' object
-    assert out["views"][0] < out["gaussians"][0] - 0.03
+    # measured: views (0.866 with the Gaussians' silhouettes, 0.938 with the masks), gaussians (0.983, 0.823)
+    assert out["gaussians"][0] > 0.97, out  # the Gaussians' object
+    assert out["views"][1] > out["views"][0] + 0.03, out  # the masks' object
+    assert out["views"][0] < out["gaussians"][0] - 0.03, out
