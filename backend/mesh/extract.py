@@ -264,14 +264,20 @@ LEVEL_START = 6
 
 
 def centre_density(grid: Grid, g: Gaussians, min_opacity: float = 0.3) -> float:
-    """Median density at the voxels holding the centres of fairly opaque Gaussians."""
+    """Median density at the voxels holding the centres of fairly opaque Gaussians.
+    Centres where the grid holds nothing (cut away with the space outside the visual
+    hull: floaters) do not count: on views that barely agree most Gaussians can lie
+    there, and a median of zero would put every iso level at zero (a surface around
+    the whole grid, hundreds of thousands of faces)."""
     with torch.no_grad():
         m = g.means[g.opacities > min_opacity].detach().cpu().numpy()
-    if len(m) == 0:
-        return float(grid.values.max())
     idx = np.round((m - grid.origin) / grid.voxel).astype(np.int64)
     idx = np.clip(idx, 0, np.array(grid.values.shape) - 1)
-    return float(np.median(grid.values[idx[:, 0], idx[:, 1], idx[:, 2]]))
+    at = grid.values[idx[:, 0], idx[:, 1], idx[:, 2]]
+    at = at[at > 0]
+    if len(at) == 0:
+        return float(grid.values.max())
+    return float(np.median(at))
 
 
 def calibrated_surface(grid: Grid, free: np.ndarray, views, reference: float | None = None,
