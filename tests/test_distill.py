@@ -277,9 +277,10 @@ def test_image_to_3d_of_a_closed_object_is_watertight_and_keeps_the_reference(bo
     res = image_to_3d(reference, oracle, s, prior=prior)
     st = res.stats
     assert st["watertight"] and st["components"] == 1, st
-    # at these settings (48 px, 40 steps) the Gaussians' shell still has gaps: measured genus 61
-    # (107 when one view's depth could carve); bench/image_to_3d.py's suzanne at `standard`: 1
-    assert st["genus"] <= 85, st
+    # at these settings (48 px, 40 steps) the Gaussians' shell still has gaps: measured genus 34 with the solid's
+    # small dents and tunnels filled (MeshSettings.fill_voxels 2), 70 without (107 when one view's depth could
+    # carve); bench/image_to_3d.py's degraded suzanne at `standard`: 0 (25 without)
+    assert st["genus"] <= 50, st
     assert st["view_updates"] == 1 and st["prior"] == ["oracle"]
     # back in the rig's frame (the box is framed there as the reference shows it)
     n = res.normalization
@@ -288,7 +289,7 @@ def test_image_to_3d_of_a_closed_object_is_watertight_and_keeps_the_reference(bo
     assert mask_iou(seen[..., 3], reference[..., 3]) > 0.9
     # the outline is held to the reference's mask (snapped): few pixels of surface where it shows background
     spill = int(((seen[..., 3] > 0.5) & (reference[..., 3] < 0.5)).sum())
-    print("snapped", st["snapped_vertices"], "pixels outside the reference's mask", spill, "offset", st["view_elevation_offset"])
+    print("genus", st["genus"], "snapped", st["snapped_vertices"], "pixels outside the reference's mask", spill, "offset", st["view_elevation_offset"])
     # the views' shared elevation error (+5 degrees and jitter: 5.14 on average here) is found and applied
     # (measured 2.37 at these 48 px views)
     assert st["view_elevation_offset"]["used"] and 1.5 <= st["view_elevation_offset"]["degrees"] <= 8.0, st
@@ -298,5 +299,9 @@ def test_image_to_3d_of_a_closed_object_is_watertight_and_keeps_the_reference(bo
     # the same mesh with its texture scrambled (half a texture off in u and v): what the bar must reject
     scrambled = mesh.copy(texture=np.roll(mesh.texture, (mesh.texture.shape[0] // 2, mesh.texture.shape[1] // 2), (0, 1)))
     bad = psnr_union(render_mesh_rgba(scrambled, ref_c2w, _k(128), supersample=2), reference)
-    print("reference view PSNR", good, "scrambled texture", bad)
-    assert good > 20.0 and bad < 20.0 - 2.0, (good, bad)
+    # ... and the same mesh in one flat colour, the texture's mean: a blurred-out texture's limit
+    flat = mesh.copy(texture=np.broadcast_to(mesh.texture.reshape(-1, mesh.texture.shape[-1]).mean(0), mesh.texture.shape).copy())
+    plain = psnr_union(render_mesh_rgba(flat, ref_c2w, _k(128), supersample=2), reference)
+    print("reference view PSNR", good, "scrambled texture", bad, "flat", plain)
+    # measured: 32.07, scrambled 18.55, flat 20.82 (the bar was 20 once, which the flat colour passed)
+    assert good > 26.0 and max(bad, plain) < 26.0 - 3.0, (good, bad, plain)

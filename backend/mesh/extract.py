@@ -186,10 +186,11 @@ def close_solid(free: np.ndarray, radius: int) -> np.ndarray:
     return ~solid
 
 
-def solid_surface(grid: Grid, free: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+def solid_surface(grid: Grid, free: np.ndarray, level: float, fill_voxels: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Marching cubes at ``level`` after filling every voxel not known to be free:
-    hidden inner sheets of the Gaussian shell disappear, the visible surface stays."""
-    return marching_cubes(Grid(surface_field(grid, free, level), grid.origin, grid.voxel), level, fill=False)
+    hidden inner sheets of the Gaussian shell disappear, the visible surface stays
+    (``fill_voxels``: :func:`surface_field`)."""
+    return marching_cubes(Grid(surface_field(grid, free, level, fill_voxels), grid.origin, grid.voxel), level, fill=False)
 
 
 class FieldNormals:
@@ -231,10 +232,24 @@ class FieldNormals:
         return n
 
 
-def surface_field(grid: Grid, free: np.ndarray, level: float) -> np.ndarray:
-    """The values :func:`solid_surface` runs marching cubes on."""
-    vals = np.where(free, grid.values, np.maximum(grid.values, 2.0 * level))
-    return fill_enclosed(vals, level)
+def surface_field(grid: Grid, free: np.ndarray, level: float, fill_voxels: int = 0) -> np.ndarray:
+    """The values :func:`solid_surface` runs marching cubes on. ``fill_voxels`` > 0 closes
+    the solid they enclose (morphologically, by that many voxels): dents and tunnels
+    narrower than about twice that are filled. Where thin density breaks at the level
+    (along edges, across thin walls) the iso-surface is left with bites and small
+    handles; views that disagree leave many (bench, degraded cube: genus 48 -> 2 at 2
+    voxels of 128, Chamfer 0.0130 either way)."""
+    vals = fill_enclosed(np.where(free, grid.values, np.maximum(grid.values, 2.0 * level)), level)
+    if fill_voxels > 0:
+        from scipy import ndimage
+
+        r = int(fill_voxels)
+        solid = vals >= level
+        o = np.arange(-r, r + 1)
+        ball = (o[:, None, None] ** 2 + o[None, :, None] ** 2 + o[None, None, :] ** 2) <= r * r + 0.5  # round, not _ball's octahedron
+        closed = ndimage.binary_closing(np.pad(solid, r + 1), ball)[r + 1:-r - 1, r + 1:-r - 1, r + 1:-r - 1]
+        vals[closed & ~solid] = 1.5 * level  # above the level: the surface runs about half-way to the next voxel
+    return vals
 
 
 def silhouette_iou(vertices: np.ndarray, faces: np.ndarray, views, max_views: int = 12, max_size: int = 96) -> float:
