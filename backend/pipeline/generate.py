@@ -207,9 +207,10 @@ def image_to_3d(image: np.ndarray, generator: NovelViewGenerator, settings: Gene
     # the surface (a degraded cube's faces 1-2 % of the diagonal out); fitted to the Gaussians' own renders it
     # keeps their object (degraded cube Chamfer 0.0147 -> 0.0131, suzanne 0.0070 -> 0.0058; perfect cube the same)
     rs.mesh.level_views = "gaussians"
-    # at that level thin density breaks along edges and across thin walls: bites and small handles (degraded
-    # cube genus 48, suzanne 25, mug 38); closing the solid by 2 voxels leaves 2, 5 and 8 (perfect mug 2, its
-    # handle kept) at the same Chamfer (0.0130 / 0.0055 / 0.0199 against 0.0130 / 0.0058 / 0.0194)
+    # at that level thin density breaks along edges and across thin walls: bites and small handles (captured
+    # degraded Gaussians: cube genus 48, suzanne 25, mug 38); closing the solid by 2 voxels leaves 2, 0 and 8
+    # (perfect mug 5 -> 2, its handle kept) at about the same Chamfer (0.0131 / 0.0054 / 0.0198 against
+    # 0.0130 / 0.0058 / 0.0194)
     rs.mesh.fill_voxels = max(rs.mesh.fill_voxels, 2)
     if rs.resolution and max(views.width, views.height) != rs.resolution:
         views = views.resized(rs.resolution)
