@@ -5,7 +5,7 @@ generator, the product's settings, and the truth to compare with.
                                 [--quality standard] [--prior oracle|none] [--test 8]
                                 [--resolution 128] [--seed 0] [--renders DIR] [--json FILE]
                                 [--faults unseen=0 gain=0 ...] [--prior-faults same|none]
-                                [--posterior exact|wiener]
+                                [--posterior exact|wiener] [--on-white]
                                 [--prior-fault elevation_bias_deg=0 ...] [--set distill.prior_weight=1 ...]
 
 For each object (suzanne: concavities and a photographic texture; mug: a thin handle and
@@ -26,7 +26,9 @@ says what the oracle's SDEdit passes (the view updates) return: ``exact`` its tr
 views a fresh faulty sample) whatever the strength, ``wiener`` the input's frequencies that the
 pass's noise leaves, the rest from the truth, as a trained denoiser would. ``--faults`` and
 ``--prior-fault`` switch single faults off (or up) for the views and the prior, so that each
-fault's cost can be measured; ``--set`` changes any setting of the job.
+fault's cost can be measured; ``--set`` changes any setting of the job; ``--on-white`` hands the job
+the novel views as RGB on white, as Zero-1-to-3 returns them, so that its own matting runs as in the
+product (by default the views keep the renderer's alpha).
 
 ``image_to_3d`` runs on the oracle's reference image (refinement off: its priors need
 real weights), the mesh is put back in the truth's frame, and the script prints held-out
@@ -129,6 +131,7 @@ def run_one(obj: str, kind: str, args, work: Path, device: str) -> dict:
     faults = ViewFaults(**dict(args.faults or {}))
     oracle = cls(obj, center, radius, **({"seed": args.seed, "faults": faults} if kind == "degraded" else {}))
     reference = oracle.reference(0.0)
+    generator = OnWhite(oracle) if args.on_white else oracle
     s = settings_for(args.quality, device)
     # the prior knows the truth; for degraded views it samples like Zero-1-to-3 (faults on every call)
     prior = None
@@ -157,7 +160,7 @@ def run_one(obj: str, kind: str, args, work: Path, device: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     with PeakRSS() as mem:
-        res = image_to_3d(reference, oracle, s, device, prior=prior)
+        res = image_to_3d(reference, generator, s, device, prior=prior)
     wall = time.perf_counter() - t0
     n = res.normalization
     rig = res.mesh.vertices / n["scale"] + np.asarray(n["center"])
@@ -187,7 +190,7 @@ def run_one(obj: str, kind: str, args, work: Path, device: str) -> dict:
                             uv=mesh.uv, texture=mesh.texture)
     degraded = kind == "degraded"
     prior_faults = (dict(args.prior_fault or {}) if args.prior_faults == "same" else "none") if degraded else None
-    out = {"object": obj, "views": kind, "faults": dict(args.faults or {}) if degraded else None,
+    out = {"object": obj, "views": kind, "on_white": bool(args.on_white), "faults": dict(args.faults or {}) if degraded else None,
            "prior_faults": prior_faults, "set": dict(args.set or {}), "prior": args.prior, "quality": args.quality,
            "psnr": float(np.mean(psnrs)),
            "mask_iou": float(np.mean(ious)), "chamfer": geo["chamfer"], "fscore": geo["fscore"],
@@ -202,6 +205,17 @@ def run_one(obj: str, kind: str, args, work: Path, device: str) -> dict:
     if device.startswith("cuda"):
         out["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return out
+
+
+class OnWhite:
+    """The oracle's views as Zero-1-to-3 returns its own: RGB on white, anti-aliased, no
+    alpha, so the job mattes them itself (``--on-white``)."""
+
+    def __init__(self, oracle):
+        self.oracle = oracle
+
+    def __call__(self, reference, reference_elevation, poses, progress=None):
+        return composite_white(self.oracle(reference, reference_elevation, poses, progress))
 
 
 def _fault(text: str) -> tuple:
@@ -248,6 +262,8 @@ def main() -> None:
                     help="override these ViewFaults for the prior only (after --faults)")
     ap.add_argument("--set", nargs="+", default=None, type=_setting, metavar="PATH=VALUE",
                     help="override any GenerateSettings field (e.g. distill.prior_weight=1.5 view_updates=0)")
+    ap.add_argument("--on-white", action="store_true",
+                    help="hand the job the novel views as RGB on white, as Zero-1-to-3 returns them (matted by the job)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default=None, help="also write the figures here")
     ap.add_argument("--keep", default=None, help="keep the ground truth in this folder")
