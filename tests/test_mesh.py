@@ -356,9 +356,9 @@ def test_filling_closes_narrow_tunnels_and_bites_and_keeps_wide_holes():
     ax = (np.arange(n) + 0.5) / n * 2 - 1  # voxel centres in [-1, 1]
     x, y, z = np.meshgrid(ax, ax, ax, indexing="ij")
     box = (np.abs(x) < 0.6) & (np.abs(y) < 0.6) & (np.abs(z) < 0.6)
-    narrow = (np.abs(y) < 0.04) & (np.abs(z - 0.3) < 0.04)  # a tunnel along x, about 2.5 voxels wide
-    wide = (np.abs(x) < 0.25) & (np.abs(z + 0.25) < 0.2)  # one along y, 16 x 13 voxels
-    bite = (np.abs(x) < 0.3) & (np.abs(y - 0.3) < 0.04) & (z > 0.5)  # a groove 2.5 voxels wide in the top
+    narrow = (np.abs(y) < 0.04) & (np.abs(z - 0.3) < 0.04)  # a tunnel along x, 2 x 3 voxels
+    wide = (np.abs(x) < 0.25) & (np.abs(z + 0.25) < 0.2)  # one along y, 16 x 12 voxels
+    bite = (np.abs(x) < 0.3) & (np.abs(y - 0.3) < 0.04) & (z > 0.5)  # a groove in the top, 3 voxels wide and deep
     solid = box & ~narrow & ~wide & ~bite
     grid = Grid(solid.astype(np.float32), np.full(3, ax[0]), float(ax[1] - ax[0]))
     free = ~solid  # every voxel seen: the density alone makes the surface

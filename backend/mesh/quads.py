@@ -161,23 +161,37 @@ def fit_quad_budget(vertices: np.ndarray, faces: np.ndarray, normals: np.ndarray
     them on a 2.8k-triangle generated mesh, 0.85-0.95 on smoother or denser ones. So: unwrap,
     pair, decimate to ``budget / (1 - paired / 2)`` triangles, and again from the measured
     ratio, each pass one quadric decimation and one unwrap (about 1-4 s at 2k-20k triangles).
-    Only decimates: the closest pass is kept where a pass lands below the budget."""
+    Only decimates: a pass that lands below the budget (past the tolerance) is followed by one
+    from the last mesh above it, at the triangle count where the two passes' polygons cross the
+    budget; the closest pass is kept."""
     from .clean import CleanSettings, clean_mesh
     from .uv import unwrap
 
     v, f, n = np.asarray(vertices), np.asarray(faces), np.asarray(normals)
     best = None
+    above = None  # the last pass over the budget: its mesh, triangles and polygons
+    made = 1.0  # triangles the last decimation made per triangle asked (clean-up can undershoot: 649 for 697)
     for k in range(max_passes + 1):
         vmap, uf, uv = unwrap(v, f, texture_size, normals=n)
         pairs = quad_pairs(v[vmap], uf)
         fit = QuadFit(v, f, n, vmap, uf, uv, pairs, k)
         if best is None or abs(fit.polygons - budget) < abs(best.polygons - budget):
             best = fit
-        if abs(fit.polygons - budget) <= tolerance * budget or fit.polygons < budget or k == max_passes:
+        if abs(fit.polygons - budget) <= tolerance * budget or k == max_passes:
             break
-        target = int(round(len(uf) * budget / max(fit.polygons, 1)))  # the same ratio at a few % fewer triangles
-        if target >= len(f):
+        if fit.polygons > budget:
+            above = ((v, f, n), len(uf), fit.polygons)
+            source = (v, f, n)
+            target = int(round(len(uf) * budget / max(fit.polygons, 1)))  # the same ratio at a few % fewer triangles
+        elif above is None:
+            break  # under the budget from the start: nothing to decimate toward it
+        else:
+            source, tri, poly = above
+            target = int(round(len(uf) + (budget - fit.polygons) * (tri - len(uf)) / max(poly - fit.polygons, 1)))
+        ask = int(round(target / made))
+        if ask >= len(source[1]):
             break
-        v, f, n = clean_mesh(v, f, CleanSettings(target_faces=target, min_component_fraction=0.0, smoothing_steps=0,
-                                                 fill_budget=0.0))
+        settings = CleanSettings(target_faces=ask, min_component_fraction=0.0, smoothing_steps=0, fill_budget=0.0)
+        v, f, n = clean_mesh(source[0], source[1], settings)
+        made = len(f) / max(ask, 1)
     return best
