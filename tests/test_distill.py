@@ -218,6 +218,25 @@ def test_degraded_views_do_better_with_the_prior(box):
     assert iou_a >= iou_b + 0.025 and psnr_a >= psnr_b + 1.5, (iou_a, psnr_a, iou_b, psnr_b)
 
 
+def test_distillation_follows_the_prior_not_the_samples_it_was_fitted_to(box):
+    """The Gaussians were fitted to the disagreeing samples already; during distillation
+    their colours and outlines (each from a camera a few degrees off) would pull against the
+    prior, which answers for the camera it was asked about. The defaults keep only a faint
+    silhouette term, and do better than the old pull (colour 0.5, silhouettes 1.0) in colour
+    without losing shape (the image-to-3D bench, degraded views: +0.65 to +2.81 dB)."""
+    views, _ = _degraded_views(box)
+    fit = train_gaussians(views, TrainSettings(iterations=60, init_points=1000, hull_resolution=32))
+    prior = [OracleGuidance(RigTruth(box, np.zeros(3), 1.0), size=SIZE)]
+    now = distill_gaussians(fit.gaussians, views, prior, DistillSettings(steps=90, render_size=SIZE))
+    old = distill_gaussians(fit.gaussians, views, prior, DistillSettings(steps=90, render_size=SIZE, views_weight=0.5,
+                                                                        views_mask_weight=1.0))
+    iou_now, psnr_now = _held_out(now.gaussians, box)
+    iou_old, psnr_old = _held_out(old.gaussians, box)
+    print("prior over samples: now", iou_now, psnr_now, "old pull", iou_old, psnr_old)
+    # measured: now 0.892 / 18.25 dB, the old pull 0.889 / 17.25 dB
+    assert iou_now >= iou_old and psnr_now >= psnr_old + 0.6, (iou_now, psnr_now, iou_old, psnr_old)
+
+
 def test_view_updates_bring_the_views_to_one_object(box):
     """Re-rendering the generated poses and passing them back through the prior replaces
     the disagreeing samples by views of one object: their disagreement with the Gaussians
