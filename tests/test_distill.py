@@ -211,7 +211,8 @@ def test_degraded_views_do_better_with_the_prior(box):
     fit = train_gaussians(views, TrainSettings(iterations=60, init_points=1000, hull_resolution=32))
     prior = [OracleGuidance(RigTruth(box, np.zeros(3), 1.0), size=SIZE)]
     a = distill_gaussians(fit.gaussians, views, prior, DistillSettings(steps=90, render_size=SIZE))
-    b = distill_gaussians(fit.gaussians, views, prior, DistillSettings(steps=90, render_size=SIZE, prior_weight=0.0))
+    b = distill_gaussians(fit.gaussians, views, prior, DistillSettings(steps=90, render_size=SIZE, prior_weight=0.0,
+                                                                      views_weight=0.5, views_mask_weight=1.0))
     iou_a, psnr_a = _held_out(a.gaussians, box)
     iou_b, psnr_b = _held_out(b.gaussians, box)
     print("degraded: with prior", iou_a, psnr_a, "without", iou_b, psnr_b)
