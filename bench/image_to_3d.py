@@ -201,7 +201,7 @@ def run_one(obj: str, kind: str, args, work: Path, device: str) -> dict:
                                             "atlas_use", "texture_coverage", "uv_charts", "uv_seam_edges",
                                             "uv_seam_fraction",
                                             "view_disagreement", "view_updates", "prior_pose",
-                                            "view_elevation_offset")}}
+                                            "view_elevation_offset", "view_registration", "update_registration")}}
     if device.startswith("cuda"):
         out["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return out

@@ -141,6 +141,78 @@ def test_the_views_common_elevation_error_is_found_from_their_silhouettes(box, s
     assert abs(still.degrees) < MIN_DEGREES and not still.used and still.value == 0.0, still.to_dict()
 
 
+def test_registering_the_generated_views_finds_each_ones_own_camera_error():
+    """Views made from cameras 5 degrees off each (and 5 % nearer or farther), at random: the
+    common offset cannot explain that, but registering each view to the Gaussians fitted so far,
+    a few times during the fit, moves its camera toward the true one, and the Gaussians fitted
+    from the moved cameras are sharper than those fitted from the asked ones. A box with a
+    noisy texture at 64 px and 10 views (at 48 px and 8 views registration wanders off: the
+    preset that fits such sizes, draft, does not register)."""
+    import trimesh
+    from scipy.ndimage import gaussian_filter
+
+    from backend.mesh.uv import unwrap
+    from backend.pipeline.view_pose import register_views
+
+    size = 64
+    m = trimesh.creation.box((1.1, 0.45, 0.8))
+    vm, f, uv = unwrap(np.asarray(m.vertices), np.asarray(m.faces), 64)
+    rng = np.random.default_rng(0)
+    tex = np.stack([gaussian_filter(rng.uniform(0, 1, (128, 128)), 3) for _ in range(3)], -1)
+    noisy = TexturedMesh(np.asarray(m.vertices)[vm], f.astype(np.int64), uv.astype(np.float32),
+                         ((tex - tex.min()) / np.ptp(tex)).astype(np.float32))
+    faults = ViewFaults(jitter_deg=5.0, elevation_bias_deg=0.0, scale_drift=0.05, blur_px=(0.0, 0.0), gain=0.0,
+                        brightness=0.0, unseen=0.0)
+    oracle = DegradedOracleViews("box", np.zeros(3), RADIUS, size=size, mesh=noisy, seed=0, faults=faults)
+    ref = render_mesh_rgba(noisy, cam.spherical_to_c2w(0.0, 0.0, RADIUS), _k(size), supersample=3).astype(np.float32)
+    poses = plan_views(10)
+    rng = np.random.default_rng(0)
+    draws = [faults.draw(rng) for _ in poses]
+    views = rig_views(ref, oracle(ref, 0.0, poses), poses, 0.0, view_weights(poses))
+    true = [cam.spherical_to_c2w(el + d["d_el"], az + d["d_az"], RADIUS * d["scale"]) for (el, az, _), d in zip(poses, draws)]
+
+    def angle_rms(c2w):
+        errs = []
+        for M, T in zip(c2w[1:], true):
+            (e0, a0, _), (e1, a1, _) = cam.c2w_to_spherical(M), cam.c2w_to_spherical(T)
+            errs += [(a1 - a0 + 180) % 360 - 180, e1 - e0]
+        return float(np.sqrt(np.mean(np.square(errs))))
+
+    found = []
+
+    def pose_update(g, v):
+        c2w, reg = register_views(g, v, range(1, len(v)), np.zeros(3), origin=views.c2w)
+        found.append(reg)
+        return c2w
+
+    ts = TrainSettings(iterations=300, init_points=1500, hull_resolution=32, hull_consistency=0.75)
+    plain = train_gaussians(views, ts)
+    ts.pose_update_at = (0.2, 0.3, 0.4, 0.5, 0.6)
+    moved = train_gaussians(views, ts, pose_update=pose_update)
+    assert len(found) == 5 and np.array_equal(moved.c2w[0], views.c2w[0])  # the reference stays where it is
+    before, after = angle_rms(views.c2w), angle_rms(moved.c2w)
+
+    @torch.no_grad()
+    def held_out(g):
+        ious, psnrs = [], []
+        for el, az in HELD_OUT:
+            c2w = cam.spherical_to_c2w(el, az, RADIUS)
+            t = render_mesh_rgba(noisy, c2w, _k(size), supersample=3)
+            col, al, _ = g.render(c2w[None], _k(size), background=None)
+            a = al[0].numpy()
+            pred = np.concatenate([col[0].numpy() / np.maximum(a, 1e-6), a], -1).clip(0, 1)
+            ious.append(((a[..., 0] > 0.5) & (t[..., 3] > 0.5)).sum() / max(1, ((a[..., 0] > 0.5) | (t[..., 3] > 0.5)).sum()))
+            psnrs.append(psnr_union(pred, t))
+        return float(np.mean(ious)), float(np.mean(psnrs))
+
+    (iou0, psnr0), (iou1, psnr1) = held_out(plain.gaussians), held_out(moved.gaussians)
+    print("registration: camera error rms", before, "->", after, "held-out", (iou0, psnr0), "->", (iou1, psnr1),
+          [r.to_dict() for r in found])
+    # measured: 4.14 -> 2.49 degrees; IoU 0.908 -> 0.921, 17.48 -> 18.81 dB
+    assert after < 0.75 * before, (before, after)
+    assert iou1 >= iou0 and psnr1 >= psnr0 + 0.6, (iou0, psnr0, iou1, psnr1)
+
+
 def test_score_distillation_pulls_a_wrong_shape_toward_the_truth(box):
     """From a ball and the front view alone, the oracle prior over random views must make
     the Gaussians box-shaped (IoU from the sides and above rises); the same stage without

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -51,6 +52,8 @@ class TrainSettings:
     prune_opacity: float = 0.02
     max_gaussians: int = 40000
     max_scale: float = 0.15  # largest Gaussian, as a fraction of the object radius
+    # fractions of the schedule at which train_gaussians' pose_update may move the views' cameras (): never)
+    pose_update_at: tuple = ()
     preview_every: int = 0  # iterations between preview images (0: none)
     preview_size: int = 128
     seed: int = 0
@@ -71,6 +74,7 @@ class TrainResult:
     iterations: int
     seconds: float
     history: list[dict] = field(default_factory=list)
+    c2w: np.ndarray | None = None  # the views' cameras at the end (moved by pose_update, else as given)
 
 
 def _backgrounds(kind: str, n: int, gen: torch.Generator, device) -> torch.Tensor:
@@ -82,9 +86,14 @@ def _backgrounds(kind: str, n: int, gen: torch.Generator, device) -> torch.Tenso
 
 
 def train_gaussians(views: PosedViews, settings: TrainSettings | None = None, device: str = "cpu",
-                    progress: Progress = NULL, init: tuple[Gaussians, Bounds] | None = None) -> TrainResult:
+                    progress: Progress = NULL, init: tuple[Gaussians, Bounds] | None = None,
+                    pose_update: Callable[[Gaussians, PosedViews], np.ndarray] | None = None) -> TrainResult:
     """Fit Gaussians to ``views``. Calls ``progress.update`` every step (which
-    raises :class:`~backend.common.progress.Cancelled` when the job is cancelled)."""
+    raises :class:`~backend.common.progress.Cancelled` when the job is cancelled).
+    ``pose_update`` (the Gaussians so far, the views at their current cameras -> new c2w
+    [N,4,4]) is called at the fractions ``settings.pose_update_at`` of the schedule: views
+    whose cameras are not known exactly (a novel-view model's) are registered to what the
+    others agree on, and the fit goes on from their new cameras."""
     from gsplat.strategy import DefaultStrategy
 
     s = settings or TrainSettings()
@@ -144,7 +153,15 @@ def train_gaussians(views: PosedViews, settings: TrainSettings | None = None, de
 
     from .render import rasterize
 
+    c2w = np.asarray(views.c2w, np.float64).copy()
+    pose_steps = {int(f * iters) for f in s.pose_update_at} if pose_update is not None else set()
     for step in range(iters):
+        if step in pose_steps:
+            with torch.no_grad():
+                current = Gaussians({k: v.detach() for k, v in params.items()}, s.sh_degree)
+                c2w = np.asarray(pose_update(current, PosedViews(views.images, c2w, list(views.intrinsics),
+                                                                   list(views.names), views.weights)), np.float64)
+            viewmats = torch.as_tensor(cam.c2w_to_viewmat(c2w), dtype=torch.float32, device=device)
         if len(order) < per_step:
             order += list(rng.permutation(n_views))
         idx = [order.pop() for _ in range(per_step)]
@@ -179,7 +196,7 @@ def train_gaussians(views: PosedViews, settings: TrainSettings | None = None, de
                         preview)
 
     final = Gaussians({k: v.detach() for k, v in params.items()}, s.sh_degree)
-    return TrainResult(final, bounds, iters, time.perf_counter() - t0, history)
+    return TrainResult(final, bounds, iters, time.perf_counter() - t0, history, c2w)
 
 
 def photometric_loss(colors: torch.Tensor, alphas: torch.Tensor, gt: torch.Tensor, bg: torch.Tensor, ssim_weight: float,

@@ -57,6 +57,7 @@ from ..gaussians.render import rasterize
 from ..gaussians.train import photometric_loss
 from .align import PoseAligner
 from .sds import Guidance, priors_loss, sample_view, sdedit_images, view_of
+from .view_pose import register_views
 
 
 @dataclass
@@ -93,6 +94,9 @@ class DistillSettings:
     # (backend.pipeline.view_pose); an update asks the prior for the pose it was asked for first, since the
     # prior's error comes with every answer
     ask_elevation_offset: float = 0.0
+    # register each updated view to the Gaussians (backend.pipeline.view_pose.register_views): the prior answered
+    # from a camera of its own, a few degrees off the one it was asked for
+    register_updates: bool = False
     # learning rates (means: per unit of object radius, decayed to lr_means_final of it)
     lr_means: float = 3e-3
     lr_means_final: float = 0.1
@@ -114,6 +118,7 @@ class DistillReport:
     losses: list = field(default_factory=list)  # every 10th step: {step, reference, views, prior}
     view_disagreement: float = float("nan")  # mean |target - render| over the generated views' masks, at the end
     initial_disagreement: float = float("nan")  # the same before distillation
+    registrations: list = field(default_factory=list)  # with register_updates: what each one found
 
 
 @dataclass
@@ -187,20 +192,29 @@ def disagreement(g: Gaussians, views: PosedViews, idx: Sequence[int], max_views:
 
 def distill_gaussians(gaussians: Gaussians, views: PosedViews, guidances: Sequence[Guidance],
                       settings: DistillSettings | None = None, device: str = "cpu",
-                      progress: Progress = NULL) -> DistillResult:
+                      progress: Progress = NULL, asked: np.ndarray | None = None) -> DistillResult:
     """Optimise ``gaussians`` under the reference (``views[0]``), the generated views
-    (``views[1:]``, weighted by ``views.weights``) and the guidances. The same seed gives the
-    same result (the guidances' VAE samples draw from torch's global generator, seeded here
+    (``views[1:]``, weighted by ``views.weights``) and the guidances. ``asked``: the cameras
+    [N,4,4] the generated views were asked for, where the view updates ask the prior again
+    (default: the views' own, lowered by ``settings.ask_elevation_offset``). The same seed gives
+    the same result (the guidances' VAE samples draw from torch's global generator, seeded here
     for the stage and restored afterwards)."""
     s = settings or DistillSettings()
     dev = torch.device(device)
+    if asked is None:
+        asked = np.asarray(views.c2w, np.float64).copy()
+        if s.ask_elevation_offset and len(views) > 1:
+            center = _object_rig(views)[0]
+            for i in range(1, len(views)):
+                el, az, r = cam.c2w_to_spherical(asked[i], center)
+                asked[i] = cam.spherical_to_c2w(el - s.ask_elevation_offset, az, r, center)
     with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
         torch.manual_seed(s.seed)
-        return _distill(gaussians, views, list(guidances), s, dev, progress)
+        return _distill(gaussians, views, list(guidances), s, dev, progress, np.asarray(asked, np.float64))
 
 
 def _distill(gaussians: Gaussians, views: PosedViews, guidances: list, s: DistillSettings, dev: torch.device,
-             progress: Progress) -> DistillResult:
+             progress: Progress, asked: np.ndarray) -> DistillResult:
     if s.update not in ("sds", "sdedit", "csd"):
         raise ValueError(f"unknown update rule {s.update!r}")
     t0 = time.perf_counter()
@@ -217,7 +231,8 @@ def _distill(gaussians: Gaussians, views: PosedViews, guidances: list, s: Distil
     params = opt.params
 
     images = torch.as_tensor(views.images, dtype=torch.float32, device=dev)
-    viewmats = torch.as_tensor(cam.c2w_to_viewmat(views.c2w), dtype=torch.float32, device=dev)
+    c2w = np.asarray(views.c2w, np.float64).copy()
+    viewmats = torch.as_tensor(cam.c2w_to_viewmat(c2w), dtype=torch.float32, device=dev)
     Ks = torch.as_tensor(views.Ks(), dtype=torch.float32, device=dev)
     W, H = views.width, views.height
     weights = views.weights / max(float(views.weights.max()), 1e-12)
@@ -230,8 +245,15 @@ def _distill(gaussians: Gaussians, views: PosedViews, guidances: list, s: Distil
     for step in range(s.steps):
         frac = step / max(1, s.steps - 1)
         if step in update_at and guidances and generated:
-            images = _update_views(params, views, images, generated, guidances[0], center, fov, size, s, gen, dev)
+            current = PosedViews(views.images, c2w, list(views.intrinsics), list(views.names), views.weights)
+            images = _update_views(params, current, images, generated, guidances[0], center, fov, size, s, gen, dev,
+                                   asked)
             report.updates += 1
+            if s.register_updates:  # each answer came from a camera of its own: find it
+                current = PosedViews(images.cpu().numpy(), c2w, list(views.intrinsics), list(views.names), views.weights)
+                c2w, reg = register_views(opt.gaussians(), current, generated, center, origin=views.c2w)
+                viewmats = torch.as_tensor(cam.c2w_to_viewmat(c2w), dtype=torch.float32, device=dev)
+                report.registrations.append(reg.to_dict())
         # the reference and one generated view, in one render call
         idx = [0]
         if generated and (s.views_weight > 0 or s.views_mask_weight > 0):
@@ -269,7 +291,7 @@ def _distill(gaussians: Gaussians, views: PosedViews, guidances: list, s: Distil
         progress.update((step + 1) / max(1, s.steps), f"step {step + 1}/{s.steps}, reference {float(ref_loss.detach()):.4f}")
 
     out = opt.gaussians()
-    final_views = PosedViews(images.detach().cpu().numpy().astype(np.float32), views.c2w.copy(), list(views.intrinsics),
+    final_views = PosedViews(images.detach().cpu().numpy().astype(np.float32), c2w, list(views.intrinsics),
                              list(views.names), views.weights.copy())
     report.view_disagreement = disagreement(out, final_views, generated)
     if aligner:
@@ -281,17 +303,16 @@ def _distill(gaussians: Gaussians, views: PosedViews, guidances: list, s: Distil
 @torch.no_grad()
 def _update_views(params: dict, views: PosedViews, images: torch.Tensor, generated: list[int], guidance: Guidance,
                   center: np.ndarray, fov: float, size: int, s: DistillSettings, gen: torch.Generator,
-                  dev: torch.device) -> torch.Tensor:
+                  dev: torch.device, asked: np.ndarray) -> torch.Tensor:
     """Render the generated poses at the prior's size on white, SDEdit them through
-    ``guidance``, and take the results (alpha from the render) as the new targets."""
+    ``guidance`` (asked for the cameras ``asked``), and take the results (alpha from the
+    render) as the new targets."""
     from .segment import foreground
 
     k = cam.Intrinsics.from_fov(math.radians(fov), size, size)
-    pv = [view_of(views.c2w[i], k, center, i) for i in generated]
-    vm = torch.as_tensor(cam.c2w_to_viewmat(np.stack([v.c2w for v in pv])), dtype=torch.float32, device=dev)
-    if s.ask_elevation_offset:  # rendered where the views are, asked for as they were asked for
-        pv = [view_of(cam.spherical_to_c2w(v.elevation - s.ask_elevation_offset, v.azimuth, v.radius, center), k, center,
-                      v.source) for v in pv]
+    vm = torch.as_tensor(cam.c2w_to_viewmat(np.stack([views.c2w[i] for i in generated])), dtype=torch.float32, device=dev)
+    # rendered where the views are, asked for as they were asked for
+    pv = [view_of(asked[i], k, center, i) for i in generated]
     K = torch.as_tensor(pv[0].intr.K(), dtype=torch.float32, device=dev)[None].expand(len(pv), -1, -1)
     white = torch.ones(len(pv), 3, device=dev)
     col, al = _render({k: v.detach() for k, v in params.items()}, vm, K, size, size, white)

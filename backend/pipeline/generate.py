@@ -40,7 +40,7 @@ from .novel_views import (FOV_DEG, RADIUS, NovelViewGenerator, absolute_pose, co
 from .reconstruct import ReconstructSettings, gaussians_to_textured_mesh
 from .sds import Guidance
 from .segment import foreground
-from .view_pose import estimate_elevation_offset
+from .view_pose import estimate_elevation_offset, register_views
 
 # the image becomes the reference at azimuth 0 (the object's front, seen from -Y): ask for exactly that view
 PROMPT_TEMPLATE = ("{prompt}, front view, a single isolated object, centered, full view, plain white background, "
@@ -88,6 +88,9 @@ class GenerateSettings:
     # find the generated views' common elevation error from their silhouettes and move their cameras by it
     # (backend.pipeline.view_pose); the prior is still asked for the poses the views were asked for
     fit_view_elevation: bool = True
+    # register each generated view to the Gaussians fitted so far, at these fractions of the fit, and go on from
+    # the moved cameras (backend.pipeline.view_pose.register_views; (): never)
+    register_views: tuple = ()
     dream: DreamSettings = field(default_factory=DreamSettings)  # text-to-3D by score distillation (text_to_3d_sds)
     refine: bool = True
     refine_steps: int = 40
@@ -186,6 +189,7 @@ def image_to_3d(image: np.ndarray, generator: NovelViewGenerator, settings: Gene
 
     weights = view_weights(poses, s.novel_weight, s.away_weight)
     rig = rig_views(reference, novel_rgba, poses, s.reference_elevation, weights)
+    asked = rig
     offset = None
     if s.fit_view_elevation:
         t = time.perf_counter()
@@ -215,21 +219,37 @@ def image_to_3d(image: np.ndarray, generator: NovelViewGenerator, settings: Gene
     if rs.resolution and max(views.width, views.height) != rs.resolution:
         views = views.resized(rs.resolution)
     t = time.perf_counter()
-    trained = train_gaussians(views, rs.train, device, plan["gaussians"])
+    registrations: list = []
+    pose_update = None
+    if s.register_views and len(views) > 1:
+        rs.train.pose_update_at = tuple(s.register_views)
+        origin = views.c2w.copy()  # where the views start: no view moves further than a model's pose error from it
+
+        def pose_update(g_now, v_now):
+            c2w, reg = register_views(g_now, v_now, range(1, len(v_now)), np.zeros(3), origin=origin)
+            registrations.append(reg.to_dict())
+            return c2w
+
+    trained = train_gaussians(views, rs.train, device, plan["gaussians"], pose_update=pose_update)
     g = trained.gaussians
+    if trained.c2w is not None:
+        views = PosedViews(views.images, trained.c2w, list(views.intrinsics), list(views.names), views.weights)
     timings["gaussians"] = time.perf_counter() - t
-    extra: dict = {"iterations": trained.iterations}
+    extra: dict = {"iterations": trained.iterations, **({"view_registration": registrations} if registrations else {})}
     if distilling:
         t = time.perf_counter()
         ds = s.distill
         ds.updates = s.view_updates
-        ds.ask_elevation_offset = offset.value if offset is not None else 0.0
+        if s.register_views:
+            ds.register_updates = True
         guidances = list(prior(reference, s.reference_elevation))
-        d = distill_gaussians(g, views, guidances, ds, device, plan["distill"])
+        # the view updates ask the prior for the cameras the views were asked for
+        d = distill_gaussians(g, views, guidances, ds, device, plan["distill"], asked=asked.c2w)
         g, views = d.gaussians, d.views
         timings["distill"] = time.perf_counter() - t
         extra.update({"distill_steps": ds.steps, "view_updates": d.report.updates, "prior": [x.name for x in guidances],
                       "view_disagreement": [d.report.initial_disagreement, d.report.view_disagreement],
+                      **({"update_registration": d.report.registrations} if d.report.registrations else {}),
                       **({"prior_pose": d.report.prior_pose} if d.report.prior_pose else {})})
     t = time.perf_counter()
     rec = gaussians_to_textured_mesh(g, views, rs, device, plan["surface"], photos={0: rig.images[0]})

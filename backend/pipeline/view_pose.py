@@ -12,23 +12,34 @@ of all the masks projects back onto each mask; with the views tilted against the
 the hull is carved where they disagree and its projections fall short of the masks.
 :func:`estimate_elevation_offset` tries offsets added to every generated view's elevation
 (the reference stays where it is) and keeps the one whose hull agrees best with the masks,
-to a fraction of a degree by a parabola through the best candidate and its neighbours. The
-per-view part of the error (jitter) is not touched: one number for all views cannot explain
-away a wrong shape, as per-view registration can.
+to a fraction of a degree by a parabola through the best candidate and its neighbours. One
+number for all views cannot explain away a wrong shape, as per-view registration can.
 
-Plain functions of posed views; no model.
+The per-view part (jitter) is found during the fit (:func:`register_views`): now and then
+each generated view is registered to the Gaussians fitted so far (Gauss-Newton on its colour
+and silhouette, :func:`backend.pipeline.align.register`) and its camera moved by what was
+found; the fit goes on from there. On the image-to-3D bench's degraded views (standard) the
+cameras' rms error fell from 3.0-3.5 degrees to 0.8-2.4. The changes are kept relative (their
+mean over the views removed: the shared part is the silhouettes' estimate above, and a
+shared drift of all views against the one reference was what registration got wrong on a
+box) and within ``max_total_deg`` of where each view started.
+
+Plain functions of posed views and Gaussians; no model is loaded here.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from ..common import cameras as cam
 from ..common.dataset import PosedViews
 from ..gaussians.init import estimate_bounds, inside_hull
+from ..gaussians.model import Gaussians
 
 SEARCH = 10.0  # degrees either way
 # offsets smaller than this are not applied: on perfect views the estimate reads -0.9..+0.3 degrees (the
@@ -129,3 +140,70 @@ def estimate_elevation_offset(views: PosedViews, center: np.ndarray, moved: Sequ
     zero = score(0.0)
     used = abs(degrees) >= MIN_DEGREES and scores[best] >= zero + MIN_GAIN and zero >= MIN_AGREEMENT
     return ElevationOffset(degrees, scores[best], zero, used, dict(sorted(scores.items())))
+
+
+@dataclass
+class ViewRegistration:
+    """What :func:`register_views` found: per moved view, the camera change (azimuth and
+    elevation in degrees, log of the distance) and whether it was kept."""
+
+    moved: list
+    changes: np.ndarray  # [len(moved), 3]
+    accepted: np.ndarray  # [len(moved)] bool
+    ratios: np.ndarray  # residual after / before, per moved view
+
+    def to_dict(self) -> dict:
+        ok = self.changes[self.accepted]
+        return {"views": len(self.moved), "accepted": int(self.accepted.sum()),
+                "mean_abs_deg": round(float(np.abs(ok[:, :2]).mean()), 3) if len(ok) else 0.0,
+                "max_abs_deg": round(float(np.abs(ok[:, :2]).max()), 3) if len(ok) else 0.0,
+                "residual_ratio": round(float(np.median(self.ratios)), 3) if len(self.ratios) else 1.0}
+
+
+@torch.no_grad()
+def register_views(g: Gaussians, views: PosedViews, moved: Sequence[int], center: np.ndarray, max_deg: float = 8.0,
+                   max_log_distance: float = 0.15, sigma_px: float = 2.0, iters: int = 8,
+                   accept: float = 0.97, relative: bool = True, origin: np.ndarray | None = None,
+                   max_total_deg: float = 10.0, max_total_log_distance: float = 0.12) -> tuple[np.ndarray, ViewRegistration]:
+    """The cameras of the views ``moved`` changed (around ``center``: azimuth, elevation,
+    distance) so that each view best matches the Gaussians' render there
+    (:func:`backend.pipeline.align.register`: Gauss-Newton on the views' colour on white and
+    their alpha, blurred by ``sigma_px`` pixels of a 128-pixel view). A view's own part of a
+    novel-view model's pose error (its jitter) cannot be found from silhouettes shared by all;
+    against Gaussians fitted to every view it shows as the motion that brings the view onto
+    what the others agree on. The Gaussians were fitted to this view too, so one call finds
+    only part of its error: call again after the fit has moved on. Returns (c2w [N,4,4], the
+    registration)."""
+    from .align import pose_flows, register
+    from .sds import view_of
+
+    moved = list(moved)
+    c2w = np.asarray(views.c2w, np.float64).copy()
+    if not moved:
+        return c2w, ViewRegistration([], np.zeros((0, 3)), np.zeros(0, bool), np.zeros(0))
+    dev = g.device
+    vs = [view_of(c2w[i], views.intrinsics[i], center, i) for i in moved]
+    col, al, _ = g.render(np.stack([v.c2w for v in vs]), [v.intr for v in vs], background=(1.0, 1.0, 1.0),
+                          render_mode="RGB+ED")
+    depth, a = col[..., 3], al[..., 0]
+    valid = a > 0.5
+    flows = pose_flows(torch.where(valid, depth, torch.zeros_like(depth)), vs, center)
+    img = torch.as_tensor(views.images[moved], dtype=torch.float32, device=dev)
+    target = torch.cat([img[..., :3] * img[..., 3:] + (1 - img[..., 3:]), img[..., 3:]], -1).permute(0, 3, 1, 2)
+    current = torch.cat([col[..., :3], al], -1).permute(0, 3, 1, 2)
+    _, eps, ok, ratio = register(target, current, flows, valid, torch.zeros(len(vs), 3, device=dev), iters=iters,
+                                 sigma=sigma_px * views.width / 128, max_deg=max_deg, max_log_distance=max_log_distance,
+                                 accept=accept)
+    eps = eps.cpu().numpy().astype(np.float64)
+    ok = ok.cpu().numpy()
+    if relative and ok.sum() > 1:
+        eps[ok] -= eps[ok].mean(0)
+    for v, e in zip(vs, eps):
+        el, az, r = v.elevation + e[1], v.azimuth + e[0], v.radius * math.exp(e[2])
+        if origin is not None:  # no further than a model's pose error from where the view started
+            el0, az0, r0 = cam.c2w_to_spherical(origin[v.source], center)
+            el = el0 + float(np.clip(el - el0, -max_total_deg, max_total_deg))
+            az = az0 + float(np.clip((az - az0 + 180.0) % 360.0 - 180.0, -max_total_deg, max_total_deg))
+            r = r0 * math.exp(float(np.clip(math.log(r / r0), -max_total_log_distance, max_total_log_distance)))
+        c2w[v.source] = cam.spherical_to_c2w(el, az, r, center)
+    return c2w, ViewRegistration(moved, eps, ok, ratio.cpu().numpy())
