@@ -52,6 +52,7 @@ def settings_from_params(p: dict, device: str) -> GenerateSettings:
     s.distill.align_prior = True
     updates = p.get("view_updates", -1)
     s.view_updates = q["view_updates"] if updates is None or updates < 0 else updates
+    s.register_views = tuple(q["register_views"])
     s.reconstruct.train.seed = p["seed"]
     apply_topology(s.reconstruct, p)
     s.dream.steps = pick("dream_steps", q["dream_steps"][kind])

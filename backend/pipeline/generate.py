@@ -56,18 +56,24 @@ NEGATIVE_PROMPT = ("back view, side view, top view, cropped, out of frame, multi
 # distillation step; two average out more of a sampled prior's pose error (degraded suzanne +1.1 dB, IoU
 # 0.919 -> 0.935, perfect views unchanged: 24.23 -> 24.37 dB) for 14 s more on the CPU at standard
 # (tiny text-to-3D measured alone in one session: 2:31 with one, 2:37 with two). views: standard's 14 (12 before)
-# keep 10 on the rings beside the 4 from above that plan_views now makes
+# keep 10 on the rings beside the 4 from above that plan_views now makes. register_views: fractions of the Gaussian
+# fit at which each generated view is registered to the Gaussians so far and its camera moved by its own error
+# (image-to-3D bench, standard, degraded views at seeds 0 / 1: suzanne +1.07 / +0.81 dB, mug +1.31 / -0.91, cube
+# +1.41 / +3.22; perfect views: suzanne +0.07, mug +0.09, cube -1.07). Not at draft: its 150 CPU iterations are
+# unmeasured with it, and a 48 px box with 8 views and 200 iterations lost 0.6-1.2 dB to it
 QUALITY = {
     "draft": {"steps": 20, "views": 8, "view_steps": 30, "iterations": {"cpu": 150, "cuda": 1500}, "texture_size": 512,
               "max_gaussians": {"cpu": 6000, "cuda": 40000}, "distill_steps": {"cpu": 80, "cuda": 250}, "prior_views": 1,
               "view_updates": 0, "dream_steps": {"cpu": 150, "cuda": 400},
-              "refine_steps": 20, "resolution": {"cpu": 96, "cuda": 256}},
+              "refine_steps": 20, "resolution": {"cpu": 96, "cuda": 256}, "register_views": ()},
     "standard": {"steps": 30, "views": 14, "view_steps": 50, "iterations": {"cpu": 1000, "cuda": 2000}, "texture_size": 1024,
                  "max_gaussians": {"cpu": 10000, "cuda": 60000}, "distill_steps": {"cpu": 150, "cuda": 500},
-                 "prior_views": 2, "view_updates": 2, "dream_steps": {"cpu": 300, "cuda": 800}, "refine_steps": 40, "resolution": {"cpu": 128, "cuda": 256}},
+                 "prior_views": 2, "view_updates": 2, "dream_steps": {"cpu": 300, "cuda": 800}, "refine_steps": 40, "resolution": {"cpu": 128, "cuda": 256},
+                 "register_views": (0.2, 0.3, 0.4, 0.5, 0.6)},
     "high": {"steps": 50, "views": 16, "view_steps": 75, "iterations": {"cpu": 1500, "cuda": 4000}, "texture_size": 2048,
              "max_gaussians": {"cpu": 20000, "cuda": 100000}, "distill_steps": {"cpu": 400, "cuda": 1000},
-             "prior_views": 2, "view_updates": 3, "dream_steps": {"cpu": 600, "cuda": 1500}, "refine_steps": 100, "resolution": {"cpu": 128, "cuda": 256}},
+             "prior_views": 2, "view_updates": 3, "dream_steps": {"cpu": 600, "cuda": 1500}, "refine_steps": 100, "resolution": {"cpu": 128, "cuda": 256},
+             "register_views": (0.2, 0.3, 0.4, 0.5, 0.6)},
 }
 
 
